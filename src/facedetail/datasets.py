@@ -1,0 +1,92 @@
+"""Kedro datasets of the project.
+
+Kedro refuses ``versioned: true`` on ``PartitionedDataset``; per-face arrays (aligned crops,
+masks, coefficients, UV maps) are therefore stored as ONE compressed ``.npz`` bundle per run,
+which Kedro versions like any other file (``data/0x_*/name.npz/<timestamp>/name.npz``).
+A bundle is a ``dict[str, np.ndarray]``; by convention every per-face array is indexed along
+axis 0 in the order of the bundle's ``face_ids`` array.
+"""
+from __future__ import annotations
+
+import io
+from pathlib import PurePosixPath
+from typing import Any
+
+import fsspec
+import numpy as np
+from kedro.io.core import AbstractVersionedDataset, DatasetError, Version, get_filepath_str, get_protocol_and_path
+
+
+class NpzBundleDataset(AbstractVersionedDataset[dict, dict]):
+    """A versioned ``.npz`` file holding a dict of numpy arrays (string arrays allowed, no pickles).
+
+    Example catalog entry::
+
+        aligned_faces:
+          type: facedetail.datasets.NpzBundleDataset
+          filepath: data/02_intermediate/aligned_faces.npz
+          versioned: true
+    """
+
+    def __init__(
+        self,
+        *,
+        filepath: str,
+        version: Version | None = None,
+        compress: bool = True,
+        fs_args: dict[str, Any] | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> None:
+        protocol, path = get_protocol_and_path(filepath, version)
+        self._protocol = protocol
+        self._fs = fsspec.filesystem(protocol, **(fs_args or {}))
+        self._compress = compress
+        self.metadata = metadata
+        super().__init__(
+            filepath=PurePosixPath(path),
+            version=version,
+            exists_function=self._fs.exists,
+            glob_function=self._fs.glob,
+        )
+
+    def load(self) -> dict[str, np.ndarray]:
+        path = get_filepath_str(self._get_load_path(), self._protocol)
+        with self._fs.open(path, "rb") as handle:
+            data = handle.read()
+        with np.load(io.BytesIO(data), allow_pickle=False) as bundle:
+            return {key: bundle[key] for key in bundle.files}
+
+    def save(self, data: dict[str, Any]) -> None:
+        if not isinstance(data, dict):
+            raise DatasetError(f"NpzBundleDataset expects a dict of arrays, got {type(data).__name__}")
+        arrays = {}
+        for key, value in data.items():
+            array = np.asarray(value)
+            if array.dtype == object:
+                raise DatasetError(f"bundle entry '{key}' is an object array; store numbers or strings only")
+            arrays[key] = array
+        buffer = io.BytesIO()
+        (np.savez_compressed if self._compress else np.savez)(buffer, **arrays)
+        path = get_filepath_str(self._get_save_path(), self._protocol)
+        parent = str(PurePosixPath(path).parent)
+        self._fs.makedirs(parent, exist_ok=True)
+        with self._fs.open(path, "wb") as handle:
+            handle.write(buffer.getvalue())
+        self._invalidate_cache()
+
+    def _describe(self) -> dict[str, Any]:
+        return {"filepath": self._filepath, "protocol": self._protocol, "version": self._version}
+
+    def _exists(self) -> bool:
+        try:
+            path = get_filepath_str(self._get_load_path(), self._protocol)
+        except DatasetError:
+            return False
+        return self._fs.exists(path)
+
+    def _release(self) -> None:
+        super()._release()
+        self._invalidate_cache()
+
+    def _invalidate_cache(self) -> None:
+        self._fs.invalidate_cache(get_filepath_str(self._filepath, self._protocol))

@@ -1,0 +1,1 @@
+"""facedetail.detect (plain module, knows nothing of Kedro)."""

@@ -1,0 +1,1 @@
+"""facedetail.geometry (plain module, knows nothing of Kedro)."""

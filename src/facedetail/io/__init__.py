@@ -1,0 +1,1 @@
+"""facedetail.io (plain module, knows nothing of Kedro)."""

@@ -1,0 +1,1 @@
+"""facedetail.losses (plain module, knows nothing of Kedro)."""

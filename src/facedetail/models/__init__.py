@@ -1,0 +1,1 @@
+"""facedetail.models (plain module, knows nothing of Kedro)."""

@@ -1,0 +1,1 @@
+"""facedetail.parsing (plain module, knows nothing of Kedro)."""

@@ -1,0 +1,1 @@
+"""facedetail.render (plain module, knows nothing of Kedro)."""
