@@ -1,0 +1,1 @@
+"""Training of the detail generator (plain module: no Kedro)."""
