@@ -1,0 +1,140 @@
+"""Detail-training loop: gradients through the renderer, falling losses, exact resume, NaN policy."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+from facedetail.geometry.face_model import load_face_model
+from facedetail.geometry.uv import expression_map
+from facedetail.losses.photometric import masked_photometric_loss
+from facedetail.training.detail_render import DetailRenderer
+from facedetail.training.loop import DetailTrainer, FaceTensors, TrainingError, validation_split
+
+ICT = Path(__file__).resolve().parents[1] / ".." / "shared" / "assets" / "ict_facekit" / "ict_face_only_9409.npz"
+pytestmark = pytest.mark.skipif(not ICT.is_file(), reason=f"ICT-FaceKit model not found at {ICT}")
+UV = 32
+DIRECTIONAL_LIGHT = [0.0, 0.0, 0.4, -0.3, 0.0, 0.0, 0.0, 0.0, 0.0] * 3
+
+
+@pytest.fixture(scope="module")
+def face_model():
+    return load_face_model("ict", ICT)
+
+
+def tiny_config(tmp_path, **overrides):
+    config = {
+        "image_size": 224,
+        "model": {"ngf": 8, "num_downs": 5, "norm": "instance", "embedding_channels": 4, "regions": 2,
+                  "kernel_size": 3, "filter_pool": 2, "max_displacement": 0.3},
+        "discriminator": {"ndf": 8, "n_layers": 2, "conditional": True},
+        "optimizer": {"lr": 0.002, "betas": [0.5, 0.999]},
+        "steps": 6,
+        "batch_size": 2,
+        "albedo_blur_sigma": 1.0,
+        "loss_weights": {"photometric": 1.0, "perceptual": 0.0, "adversarial": 0.01},
+        "detail_regularization": {"start": 0.1, "end": 0.001, "decay_steps": 6, "kind": "exponential"},
+        "nan_tolerance": 2,
+        "checkpoint_every": 2,
+        "keep_checkpoints": 5,
+        "checkpoint_dir": str(tmp_path / "ckpt"),
+        "log_every": 1,
+        "image_log_every": 100,
+    }
+    config.update(overrides)
+    return config
+
+
+def synthetic_faces(face_model, renderer=None, n=2, seed=0):
+    """Faces whose photos are renders of a known bumpy displacement (so details are learnable)."""
+    g = torch.Generator().manual_seed(seed)
+    layout = face_model.layout
+    coeffs = layout.zeros(n, "cpu", torch.float32)
+    coeffs[:, layout.slices["exp"]] = torch.rand(n, layout.sizes["exp"], generator=g) * 0.2
+    coeffs[:, layout.slices["gamma"]] = torch.tensor(DIRECTIONAL_LIGHT)
+    exp_maps, valid = expression_map(face_model.expression_offsets(coeffs[:, layout.slices["exp"]]),
+                                     face_model.triangles, face_model.tri_uv_idx, face_model.uv, UV)
+    textures = torch.full((n, 3, UV, UV), 0.6)
+    texture_valid = valid[None, None].float().expand(n, 1, UV, UV).clone()
+    renderer = renderer or DetailRenderer(face_model, UV, albedo_blur_sigma=1.0)
+    scene = renderer.prepare(coeffs, textures, texture_valid)
+    yy, xx = torch.meshgrid(torch.arange(UV), torch.arange(UV), indexing="ij")
+    bumps = 0.2 * torch.sin(xx / 2.0) * torch.cos(yy / 3.0)
+    _, normals = renderer.detailed_maps(scene, bumps[None, None].expand(n, 1, UV, UV))
+    photos = renderer.render(scene, normals).detach()
+    masks = torch.ones(n, 1, 224, 224)
+    return FaceTensors([f"face{i}" for i in range(n)], photos, masks, coeffs, textures, texture_valid, exp_maps)
+
+
+def test_photometric_gradient_reaches_the_displacement_map(face_model):
+    renderer = DetailRenderer(face_model, UV, albedo_blur_sigma=1.0)
+    data = synthetic_faces(face_model, renderer)
+    scene = renderer.prepare(data.coefficients, data.uv_textures, data.texture_valid)
+    displacement = torch.zeros(2, 1, UV, UV, requires_grad=True)
+    _, normals = renderer.detailed_maps(scene, displacement)
+    loss = masked_photometric_loss(renderer.render(scene, normals), data.images, scene.render_mask)
+    loss.backward()
+    assert loss.item() > 0.005  # the flat surface does not explain the bumpy photo
+    assert (displacement.grad.abs() > 0).float().mean() > 0.2  # most face texels receive gradient
+
+
+def test_training_reduces_the_photometric_loss(face_model, tmp_path):
+    data = synthetic_faces(face_model)
+    config = tiny_config(tmp_path, steps=25, checkpoint_every=100)
+    config["loss_weights"]["adversarial"] = 0.0
+    result = DetailTrainer(face_model, None, config, UV, torch.device("cpu")).fit(data)
+    photometric = [h["loss_photometric"] for h in result.history if "loss_photometric" in h]
+    assert len(photometric) == 25
+    assert sum(photometric[-5:]) / 5 < 0.9 * sum(photometric[:5]) / 5
+
+
+def test_killed_training_resumes_from_last_checkpoint_exactly(face_model, tmp_path):
+    data = synthetic_faces(face_model)
+    torch.manual_seed(0)
+    uninterrupted = DetailTrainer(face_model, None, tiny_config(tmp_path / "a"), UV, torch.device("cpu")).fit(data)
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_step_3(metrics, step):
+        if step == 3:
+            raise Killed()
+
+    torch.manual_seed(0)
+    with pytest.raises(Killed):
+        DetailTrainer(face_model, None, tiny_config(tmp_path / "b"), UV, torch.device("cpu"), log_metrics=kill_at_step_3).fit(data)
+    torch.manual_seed(123)  # a new process would not share the RNG state: the checkpoint restores it
+    resumed = DetailTrainer(face_model, None, tiny_config(tmp_path / "b"), UV, torch.device("cpu")).fit(data)
+    assert resumed.resumed_from == 2
+    for name, value in uninterrupted.generator.state_dict().items():
+        assert torch.allclose(value, resumed.generator.state_dict()[name], atol=1e-6), name
+
+
+def test_nan_losses_are_skipped_then_stop_training(face_model, tmp_path, caplog):
+    data = synthetic_faces(face_model)
+    trainer = DetailTrainer(face_model, None, tiny_config(tmp_path), UV, torch.device("cpu"))
+    original = copy.deepcopy(trainer.generator.state_dict())
+    data.images[:] = float("nan")
+    with pytest.raises(TrainingError, match="consecutive steps had non-finite losses"):
+        trainer.fit(data)
+    assert "non-finite loss" in caplog.text
+    for name, value in trainer.generator.state_dict().items():  # skipped steps never touched the weights
+        assert torch.equal(value, original[name])
+
+
+def test_empty_training_set_is_a_clear_error(face_model, tmp_path):
+    data = synthetic_faces(face_model).subset([])
+    with pytest.raises(TrainingError, match="training set is empty"):
+        DetailTrainer(face_model, None, tiny_config(tmp_path), UV, torch.device("cpu")).fit(data)
+
+
+def test_validation_split_is_seeded_stable_and_never_one_sided():
+    keys = [f"sha{i}" for i in range(50)]
+    split = validation_split(keys, 0.2, seed=0)
+    assert 3 <= split.sum() <= 20
+    assert (validation_split(keys + ["new"], 0.2, seed=0)[:50] == split).all()  # adding a face moves no other
+    assert (validation_split(keys, 0.2, seed=1) != split).any()
+    two = validation_split(["a", "b"], 0.01, seed=0)
+    assert two.sum() == 1
