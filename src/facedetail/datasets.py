@@ -14,7 +14,14 @@ from typing import Any
 
 import fsspec
 import numpy as np
-from kedro.io.core import AbstractVersionedDataset, DatasetError, Version, get_filepath_str, get_protocol_and_path
+from kedro.io.core import (
+    AbstractDataset,
+    AbstractVersionedDataset,
+    DatasetError,
+    Version,
+    get_filepath_str,
+    get_protocol_and_path,
+)
 
 
 class NpzBundleDataset(AbstractVersionedDataset[dict, dict]):
@@ -90,3 +97,57 @@ class NpzBundleDataset(AbstractVersionedDataset[dict, dict]):
 
     def _invalidate_cache(self) -> None:
         self._fs.invalidate_cache(get_filepath_str(self._filepath, self._protocol))
+
+
+class RawBytesDataset(AbstractDataset[bytes, bytes]):
+    """A file's raw bytes, undecoded (used inside ``PartitionedDataset`` so unreadable files become
+    manifest rows instead of load-time crashes).
+
+    Example catalog entry::
+
+        raw_faces:
+          type: partitions.PartitionedDataset
+          path: data/01_raw/faces
+          dataset: facedetail.datasets.RawBytesDataset
+    """
+
+    def __init__(
+        self,
+        *,
+        filepath: str,
+        fs_args: dict[str, Any] | None = None,
+        credentials: dict[str, Any] | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> None:
+        protocol, path = get_protocol_and_path(filepath)
+        self._protocol = protocol
+        self._filepath = PurePosixPath(path)
+        self._fs = fsspec.filesystem(protocol, **(credentials or {}), **(fs_args or {}))
+        self.metadata = metadata
+
+    @property
+    def filepath(self) -> str:
+        """The file this dataset reads (with its protocol for non-local filesystems)."""
+        return get_filepath_str(self._filepath, self._protocol)
+
+    def load(self) -> bytes:
+        path = get_filepath_str(self._filepath, self._protocol)
+        try:
+            with self._fs.open(path, "rb") as handle:
+                return handle.read()
+        except OSError as error:
+            raise DatasetError(f"cannot read '{path}': {error}") from error
+
+    def save(self, data: bytes) -> None:
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise DatasetError(f"RawBytesDataset expects bytes, got {type(data).__name__}")
+        path = get_filepath_str(self._filepath, self._protocol)
+        self._fs.makedirs(str(PurePosixPath(path).parent), exist_ok=True)
+        with self._fs.open(path, "wb") as handle:
+            handle.write(bytes(data))
+
+    def _describe(self) -> dict[str, Any]:
+        return {"filepath": self._filepath, "protocol": self._protocol}
+
+    def _exists(self) -> bool:
+        return self._fs.exists(get_filepath_str(self._filepath, self._protocol))
