@@ -1,0 +1,154 @@
+"""68-point landmarks: 478 -> 68 mapping, MediaPipe backend on real aligned photos, FAN backend plumbing/errors."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from facedetail.detect.landmarks import (
+    BLENDSHAPE_NAMES,
+    FAN_WEIGHT_FILE,
+    MEDIAPIPE_TO_IBUG68,
+    LandmarkDetector,
+    fan_weight_path,
+    mediapipe_to_ibug68,
+)
+
+FACES = Path(__file__).resolve().parents[1] / ".." / "shared" / "assets" / "faces"
+# Five points (left eye, right eye, nose, mouth left, mouth right; image pixels) per photo: MTCNN's output for
+# obama.jpg (facedetail.detect.mtcnn, rounded), the Deep3DFaceRecon-format detection files for CelebA examples.
+OBAMA_POINTS5 = np.array([[443.4, 215.3], [551.4, 212.9], [495.6, 280.0], [435.7, 322.3], [556.7, 319.7]])
+PHOTOS = ("portraits/obama.jpg", "celeba_examples/000006.jpg", "celeba_examples/000031.jpg")
+
+
+def _points5(name: str) -> np.ndarray:
+    """The five points of ``name`` (see above)."""
+    if name == "portraits/obama.jpg":
+        return OBAMA_POINTS5
+    detection = FACES / "celeba_examples" / "detections" / (Path(name).stem + ".txt")
+    return np.loadtxt(detection).reshape(5, 2)
+
+
+def aligned_crops() -> tuple[np.ndarray, np.ndarray]:
+    """224 aligned crops (B, 224, 224, 3) of the photos and their five points in crop pixels."""
+    from facedetail.detect.align import align_face
+
+    missing = [name for name in PHOTOS if not (FACES / name).is_file()]
+    if missing:
+        pytest.skip(f"real photos missing under {FACES}: {missing} (shared assets not available)")
+    crops, points5 = [], []
+    for name in PHOTOS:
+        image = cv2.imread(str(FACES / name), cv2.IMREAD_COLOR)[..., ::-1].copy()
+        aligned = align_face(image, _points5(name))
+        crops.append(aligned.image)
+        points5.append(aligned.landmarks5)
+    return np.stack(crops), np.stack(points5)
+
+
+@pytest.fixture(scope="module")
+def aligned() -> tuple[np.ndarray, np.ndarray]:
+    return aligned_crops()
+
+
+@pytest.fixture(scope="module")
+def mediapipe_result(aligned):
+    crops, _ = aligned
+    with LandmarkDetector("mediapipe") as detector:
+        return detector.detect(crops)
+
+
+def test_mapping_table_and_function():
+    assert MEDIAPIPE_TO_IBUG68.shape == (68, 2)
+    assert MEDIAPIPE_TO_IBUG68.min() >= 0 and MEDIAPIPE_TO_IBUG68.max() < 468  # no iris points
+    dense = np.zeros((2, 478, 2))
+    dense[1, 234] = [10.0, 4.0]
+    dense[1, 93] = [20.0, 8.0]
+    dense[1, 152] = [7.0, 9.0]
+    mapped = mediapipe_to_ibug68(dense)
+    assert mapped.shape == (2, 68, 2)
+    np.testing.assert_allclose(mapped[1, 1], [15.0, 6.0])  # point 1 = mean of 234 and 93
+    np.testing.assert_allclose(mapped[1, 8], [7.0, 9.0])  # chin = vertex 152
+    with pytest.raises(ValueError, match="478"):
+        mediapipe_to_ibug68(np.zeros((68, 2)))
+
+
+def test_mediapipe_finds_faces_with_sane_68_points(aligned, mediapipe_result):
+    crops, points5 = aligned
+    result = mediapipe_result
+    assert result.backend == "mediapipe"
+    assert result.found.tolist() == [True] * len(crops)
+    assert result.landmarks68.shape == (len(crops), 68, 2) and result.landmarks68.dtype == np.float32
+    assert result.dense.shape == (len(crops), 478, 2)
+    assert result.blendshapes.shape == (len(crops), 52) and result.blendshape_names == BLENDSHAPE_NAMES
+    assert np.all((result.blendshapes >= 0) & (result.blendshapes <= 1))
+    for points, five in zip(result.landmarks68, points5):
+        assert np.all((points > 0) & (points < 224))
+        left_eye, right_eye = points[36:42].mean(0), points[42:48].mean(0)
+        mouth = points[48:68].mean(0)
+        assert points[0, 0] < points[8, 0] < points[16, 0]  # jaw runs image left -> chin -> image right
+        assert points[8, 1] > mouth[1]  # chin below the mouth
+        assert left_eye[0] < points[30, 0] < right_eye[0]  # nose tip between the eyes horizontally ...
+        assert max(left_eye[1], right_eye[1]) < points[30, 1] < mouth[1]  # ... and between eyes and mouth
+        assert points[17:22, 1].mean() < left_eye[1] and points[22:27, 1].mean() < right_eye[1]  # brows above eyes
+        # Agreement with MTCNN's independent 5 points: eye centres, nose tip, mouth corners within 12 % IOD.
+        iod = np.linalg.norm(five[1] - five[0])
+        ours = np.stack([left_eye, right_eye, points[30], points[48], points[54]])
+        errors = np.linalg.norm(ours - five, axis=1) / iod
+        assert errors.max() < 0.12, errors
+
+
+def test_mediapipe_no_face_is_flagged():
+    blank = np.full((2, 224, 224, 3), 127, dtype=np.uint8)
+    with LandmarkDetector("mediapipe") as detector:
+        result = detector.detect(blank)
+    assert result.found.tolist() == [False, False]
+    assert np.isnan(result.landmarks68).all() and np.isnan(result.dense).all()
+
+
+def test_bad_inputs_give_clear_errors():
+    with pytest.raises(ValueError, match="unknown landmark backend"):
+        LandmarkDetector("dlib")
+    with LandmarkDetector("mediapipe") as detector:
+        with pytest.raises(ValueError, match=r"\(B, H, W, 3\)"):
+            detector.detect(np.zeros((224, 224, 3), dtype=np.uint8))
+        with pytest.raises(ValueError, match="uint8"):
+            detector.detect(np.zeros((1, 224, 224, 3), dtype=np.float32))
+    with pytest.raises(FileNotFoundError, match="nothing.task"):
+        LandmarkDetector("mediapipe", model_path="/nonexistent/nothing.task")
+
+
+def test_fan_missing_weights_error_names_the_file(tmp_path):
+    expected = tmp_path / "hub" / "checkpoints" / FAN_WEIGHT_FILE
+    assert fan_weight_path(tmp_path) == expected
+    with pytest.raises(FileNotFoundError) as error:
+        LandmarkDetector("face_alignment", device="cpu", torch_home=tmp_path)
+    message = str(error.value)
+    assert str(expected) in message and "TORCH_HOME" in message and "adrianbulat.com" in message
+    # "auto" falls back to MediaPipe when the FAN weights are absent.
+    with LandmarkDetector("auto", device="cpu", torch_home=tmp_path) as detector:
+        assert detector.backend == "mediapipe"
+
+
+def test_fan_backend_runs_offline_with_local_weights(tmp_path, aligned, monkeypatch):
+    """A same-format FAN checkpoint under TORCH_HOME: 'auto' picks FAN and returns 68 points, downloading nothing."""
+    import numba
+
+    # face-alignment JIT-compiles its heatmap decoding with numba (~20 s per process); plain Python is enough
+    # for one crop. Takes effect when face_alignment is first imported here (decoration time).
+    monkeypatch.setattr(numba.config, "DISABLE_JIT", True)
+    from face_alignment.models import FAN
+
+    torch.manual_seed(0)
+    weights = fan_weight_path(tmp_path)
+    weights.parent.mkdir(parents=True)
+    torch.save(FAN(4).state_dict(), weights)
+    crops, _ = aligned
+    with LandmarkDetector("auto", device="cpu", torch_home=tmp_path) as detector:
+        assert detector.backend == "face_alignment"
+        result = detector.detect(crops[:1])
+    assert result.backend == "face_alignment" and result.dense is None and result.blendshapes is None
+    assert result.found.tolist() == [True]
+    assert result.landmarks68.shape == (1, 68, 2) and np.isfinite(result.landmarks68).all()
