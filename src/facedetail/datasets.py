@@ -151,3 +151,50 @@ class RawBytesDataset(AbstractDataset[bytes, bytes]):
 
     def _exists(self) -> bool:
         return self._fs.exists(get_filepath_str(self._filepath, self._protocol))
+
+
+class TorchCheckpointDataset(AbstractVersionedDataset[dict, dict]):
+    """A versioned ``torch.save`` file of a dict of tensors/plain values, loaded with ``weights_only=True``.
+
+    Example catalog entry::
+
+        detail_model:
+          type: facedetail.datasets.TorchCheckpointDataset
+          filepath: data/06_models/detail_generator.pt
+          versioned: true
+    """
+
+    def __init__(self, *, filepath: str, version: Version | None = None, metadata: dict[str, Any] | None = None) -> None:
+        protocol, path = get_protocol_and_path(filepath, version)
+        self._protocol = protocol
+        self._fs = fsspec.filesystem(protocol)
+        self.metadata = metadata
+        super().__init__(filepath=PurePosixPath(path), version=version, exists_function=self._fs.exists, glob_function=self._fs.glob)
+
+    def load(self) -> dict:
+        import torch
+
+        path = get_filepath_str(self._get_load_path(), self._protocol)
+        with self._fs.open(path, "rb") as handle:
+            return torch.load(io.BytesIO(handle.read()), map_location="cpu", weights_only=True)
+
+    def save(self, data: dict) -> None:
+        import torch
+
+        buffer = io.BytesIO()
+        torch.save(data, buffer)
+        path = get_filepath_str(self._get_save_path(), self._protocol)
+        self._fs.makedirs(str(PurePosixPath(path).parent), exist_ok=True)
+        with self._fs.open(path, "wb") as handle:
+            handle.write(buffer.getvalue())
+        self._fs.invalidate_cache(get_filepath_str(self._filepath, self._protocol))
+
+    def _describe(self) -> dict[str, Any]:
+        return {"filepath": self._filepath, "protocol": self._protocol, "version": self._version}
+
+    def _exists(self) -> bool:
+        try:
+            path = get_filepath_str(self._get_load_path(), self._protocol)
+        except DatasetError:
+            return False
+        return self._fs.exists(path)

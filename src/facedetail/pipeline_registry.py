@@ -1,12 +1,33 @@
 """Project pipelines.
 
-Every folder under ``facedetail/pipelines`` defines one pipeline; ``train`` and the default
-pipeline chain everything from raw photos to a registered model, so one command suffices.
+Every folder under ``facedetail/pipelines`` defines one pipeline (``create_pipeline``). ``train``
+(and the default pipeline) chain everything from raw photos to a registered, evaluated model, so
+one command suffices: data_prep → estimation → uv_maps → train → evaluate.
+
+The composition imports the stage pipelines explicitly: Kedro 1.7 loads only the requested
+pipeline folders through ``find_pipelines``, so a composite built from its result would silently
+lose its upstream stages.
 """
 from __future__ import annotations
 
-from kedro.framework.project import find_pipelines
+import importlib
+import pkgutil
+
 from kedro.pipeline import Pipeline
+
+import facedetail.pipelines as pipelines_package
+
+#: Order of the stages chained by ``train``.
+TRAIN_CHAIN = ("data_prep", "estimation", "uv_maps", "train", "evaluate")
+
+
+def _stage_pipelines() -> dict[str, Pipeline]:
+    stages = {}
+    for module_info in pkgutil.iter_modules(pipelines_package.__path__):
+        if module_info.ispkg:
+            module = importlib.import_module(f"facedetail.pipelines.{module_info.name}")
+            stages[module_info.name] = module.create_pipeline()
+    return stages
 
 
 def register_pipelines() -> dict[str, Pipeline]:
@@ -15,12 +36,8 @@ def register_pipelines() -> dict[str, Pipeline]:
     Returns:
         A mapping from pipeline names to ``Pipeline`` objects.
     """
-    pipelines = find_pipelines(raise_errors=True)
-    upstream = [pipelines[name] for name in ("data_prep", "estimation", "uv_maps") if name in pipelines]
-    if "train" in pipelines:
-        chain = sum(upstream, Pipeline([])) + pipelines["train"]
-        if "evaluate" in pipelines:
-            chain = chain + pipelines["evaluate"]
-        pipelines["train"] = chain
-    pipelines["__default__"] = pipelines.get("train", sum(pipelines.values(), Pipeline([])))
-    return pipelines
+    stages = _stage_pipelines()
+    registry = dict(stages)
+    registry["train"] = sum((stages[name] for name in TRAIN_CHAIN if name in stages), Pipeline([]))
+    registry["__default__"] = registry["train"]
+    return registry

@@ -20,6 +20,8 @@ CONFIG_LOADER_ARGS = {
     "base_env": "base",
     "default_run_env": "local",
     "custom_resolvers": {"env": _env},
+    # conf/<env> overrides base key by key (deep merge), e.g. conf/gpu changes train.steps only.
+    "merge_strategy": {"parameters": "soft", "catalog": "soft", "mlflow": "soft"},
     "config_patterns": {
         "parameters": ["parameters*", "parameters*/**", "**/parameters*"],
         "catalog": ["catalog*", "catalog*/**", "**/catalog*"],

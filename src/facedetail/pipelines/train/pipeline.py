@@ -1,0 +1,27 @@
+"""train pipeline (the training step only; the registry chains data_prep → estimation → uv_maps → train → evaluate)."""
+from kedro.pipeline import Node, Pipeline
+
+from .nodes import train_detail_generator
+
+
+def create_pipeline(**kwargs) -> Pipeline:
+    return Pipeline(
+        [
+            Node(
+                train_detail_generator,
+                inputs=[
+                    "aligned_faces",
+                    "face_estimates",
+                    "uv_maps",
+                    "params:train",
+                    "params:face_model",
+                    "params:weights",
+                    "params:device",
+                    "params:seed",
+                ],
+                outputs=["detail_model", "training_history", "train_split"],
+                name="train_detail_generator",
+                tags=["train"],
+            ),
+        ]
+    )
