@@ -1,0 +1,611 @@
+"""Analysis-by-synthesis 3DMM fitting (the open default for ICT-FaceKit, works for BFM too).
+
+Per face (batched) on an aligned 224x224 crop, coefficients in the model's layout
+(``id, exp, tex, angles, gamma, trans``) are found by minimising
+
+* a 68-landmark term: weighted mean squared pixel distance between the projected landmark
+  vertices and the detector's points (Deng et al.'s weights: 20 on landmarks 28-30 of the nose
+  ridge and 60-67 of the inner lips, 1 elsewhere);
+* a masked photometric term: mean per-pixel L2 colour distance between the crop and the shaded,
+  rasterized face region (``FaceModel.face_mask`` triangles) inside the optional image mask. The
+  albedo is per face and per vertex: for ICT (no albedo model) it is the image sampled at the
+  visible vertices, de-lit by the current SH shading and low-pass filtered over the mesh
+  (``albedo_smoothing_steps`` neighbour averages), re-estimated every ``albedo_every`` steps; for a
+  model with an albedo basis (BFM) the ``tex`` block is optimised instead;
+* Deng et al.'s 27-coefficient SH lighting (``gamma``) with a monochrome prior;
+* identity / expression / texture L2 regularisers; ICT expression weights are kept in [0, 1]
+  (projected after every step).
+
+Optimisation: Adam in two stages, (1) landmarks only on the 68 landmark vertices (cheap), first
+pose alone then pose + shape; (2) all terms with the rasterizer. Each stage stops early when the
+batch's loss stops improving. Everything runs on the model's device (CPU or CUDA).
+
+Pixel convention: crop pixels are continuous (pixel ``(c, r)`` covers ``[c, c+1) x [r, r+1)``,
+its centre is ``(c + 0.5, r + 0.5)``), matching :mod:`facedetail.geometry.camera` and the renderer.
+"""
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Mapping, Sequence
+
+import cv2
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from facedetail.geometry.camera import euler_to_rotation, project_to_screen, rigid_transform
+from facedetail.geometry.face_model import FaceModel
+from facedetail.geometry.lighting import SH_AMBIENT_INIT, irradiance, sh_basis
+from facedetail.geometry.mesh import vertex_normals
+
+logger = logging.getLogger(__name__)
+
+#: A rasterizer: (screen_verts (B, V, 3), faces (F, 3), image_size) -> Fragments
+#: (``pixel_index``, ``face_index``, ``bary_packed`` as in :class:`facedetail.render.fragments.Fragments`).
+Rasterizer = Callable[[torch.Tensor, torch.Tensor, int], object]
+
+#: Indices of the outer eye corners in the 68-point (iBUG) scheme.
+OUTER_EYE_CORNERS = (36, 45)
+
+
+def deng_landmark_weights() -> torch.Tensor:
+    """Deng et al.'s landmark weights: 20 for the nose ridge (28-30) and inner lips (60-67), else 1."""
+    weights = torch.ones(68)
+    weights[28:31] = 20.0
+    weights[60:68] = 20.0
+    return weights
+
+
+@dataclass
+class FitSettings:
+    """Settings of :func:`fit_coefficients` (all part of the cache key upstream).
+
+    Loss weights multiply: landmark mean squared error in pixels^2, photometric mean L2 colour
+    distance (colours in [0, 1]), ``sum(id^2)``, ``sum(exp^2)``, ``sum(tex^2)``, and the gamma
+    monochrome prior (mean squared deviation of each SH coefficient from its channel mean).
+    """
+
+    rigid_steps: int = 60
+    landmark_steps: int = 240
+    photometric_steps: int = 60
+    lr_angles: float = 0.02
+    lr_trans: float = 0.02  # times the model's units per 10 mm (ICT: 0.2 cm... see _unit_scale)
+    lr_id: float = 0.05
+    lr_exp: float = 0.03
+    lr_tex: float = 0.05
+    lr_gamma: float = 0.01  # models with an albedo basis only (ICT: closed-form lighting)
+    photometric_lr_scale: float = 0.2  # geometry learning rates in the photometric stage, relative
+    w_landmark: float = 0.02
+    w_photometric: float = 1.0
+    w_id: float = 2e-3
+    w_exp: float = 2e-3
+    w_tex: float = 2e-3
+    w_gamma: float = 0.05
+    lighting_ridge: float = 1e-2  # ridge on the 8 non-ambient SH terms of the closed-form lighting
+    landmark_weights: Sequence[float] | None = None  # None: Deng et al.'s weights
+    albedo_smoothing_steps: int = 30
+    albedo_every: int = 5
+    min_facing: float = 0.2  # vertices whose rotated normal has z below this are not sampled for albedo
+    early_stop_patience: int = 15
+    early_stop_rel_tol: float = 1e-3
+    use_photometric: bool = True
+    show_progress: bool = False
+    # torch CPU threads during the fit (restored afterwards); None leaves torch's setting. The fit is
+    # many small ops: on a shared 2-core machine 1 thread was 8x faster than 2 (OpenMP spin-waits).
+    cpu_threads: int | None = 1
+
+    def to_dict(self) -> dict:
+        """Plain dict (for cache keys / MLflow params)."""
+        out = asdict(self)
+        if out["landmark_weights"] is not None:
+            out["landmark_weights"] = [float(w) for w in out["landmark_weights"]]
+        return out
+
+
+@dataclass
+class FitResult:
+    """Per-face fitting result (tensors on the CPU).
+
+    Attributes:
+        coefficients: (B, layout.total) float32 in the model's layout.
+        landmarks68: (B, 68, 2) fitted (projected) landmarks in crop pixels.
+        losses: name -> (B,) float final values (``landmark`` in px^2, ``landmark_nme`` = mean
+            distance / outer-eye-corner distance of the target, ``photometric``, ``total``).
+        overlay: (B, H, W, 3) uint8: shaded fitted mesh blended over the crop, fitted landmarks
+            green, target landmarks red.
+        albedo: (B, V, 3) per-vertex albedo in [0, 1] used for the photometric term.
+        steps: number of optimisation steps run per stage.
+        history: per stage, the batch's summed loss at every step.
+        seconds: wall time of the fit.
+    """
+
+    coefficients: torch.Tensor
+    landmarks68: torch.Tensor
+    losses: dict[str, np.ndarray]
+    overlay: np.ndarray
+    albedo: torch.Tensor
+    steps: dict[str, int] = field(default_factory=dict)
+    history: dict[str, list[float]] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+# ------------------------------------------------------------------------------------- helpers
+
+
+def default_rasterizer() -> Rasterizer | None:
+    """The project's fast pure-PyTorch rasterizer, or None when the render package is unavailable."""
+    try:
+        from facedetail.render.rasterize_fast import rasterize_fast
+    except ImportError:  # pragma: no cover - the render package is part of the project
+        return None
+    return rasterize_fast
+
+
+def _unit_scale(model: FaceModel) -> float:
+    """Model units per centimetre (ICT 1, BFM 0.1): translation steps are taken in centimetres."""
+    return 10.0 / model.mm_per_unit
+
+
+def expression_from_blendshapes(
+    scores: Sequence[Mapping[str, float]], exp_names: Sequence[str], mirror: bool = False
+) -> torch.Tensor:
+    """Map MediaPipe/ARKit blendshape scores to ICT expression weights.
+
+    ARKit names (``browDownLeft``) become ICT names (``browDown_L``); ``mirror`` swaps left and right
+    (for a blendshape source that names sides as seen in the image). Unmatched expressions are 0.
+
+    Args:
+        scores: per face, blendshape name -> score in [0, 1].
+        exp_names: the model's expression names.
+
+    Returns:
+        (B, len(exp_names)) float32 in [0, 1].
+    """
+    out = torch.zeros(len(scores), len(exp_names))
+    index = {name: k for k, name in enumerate(exp_names)}
+    for b, face_scores in enumerate(scores):
+        for name, value in face_scores.items():
+            if name.endswith("Left") or name.endswith("Right"):
+                side = "L" if name.endswith("Left") else "R"
+                if mirror:
+                    side = "R" if side == "L" else "L"
+                name = f"{name[: -4 if name.endswith('Left') else -5]}_{side}"
+            if name in index:
+                out[b, index[name]] = float(value)
+    return out.clamp(0.0, 1.0)
+
+
+def mesh_smoothing_operator(triangles: torch.Tensor, n_vertices: int) -> torch.Tensor:
+    """Sparse CSR (V, V) row-normalised adjacency with self loops (one step of neighbour averaging)."""
+    edges = torch.cat([triangles[:, [0, 1]], triangles[:, [1, 2]], triangles[:, [2, 0]]], 0)
+    loops = torch.arange(n_vertices, device=triangles.device)[:, None].repeat(1, 2)
+    edges = torch.unique(torch.cat([edges, edges.flip(1), loops], 0), dim=0)  # sorted by row, then column
+    rows, cols = edges[:, 0], edges[:, 1]
+    degree = torch.bincount(rows, minlength=n_vertices)
+    crow = torch.cat([degree.new_zeros(1), degree.cumsum(0)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
+        return torch.sparse_csr_tensor(crow, cols, 1.0 / degree[rows].float(), (n_vertices, n_vertices))
+
+
+def _smooth(values: torch.Tensor, operator: torch.Tensor, steps: int) -> torch.Tensor:
+    """Apply ``steps`` neighbour averages to (B, V, C) values."""
+    batch, n_vertices, channels = values.shape
+    flat = values.permute(1, 0, 2).reshape(n_vertices, batch * channels).contiguous()
+    operator = operator.to(flat.dtype)
+    for _ in range(steps):
+        flat = operator @ flat
+    return flat.reshape(n_vertices, batch, channels).permute(1, 0, 2)
+
+
+def sample_image(images: torch.Tensor, points_px: torch.Tensor) -> torch.Tensor:
+    """Bilinear samples of (B, H, W, C) float images at (B, N, 2) continuous pixel coords -> (B, N, C)."""
+    height, width = images.shape[1], images.shape[2]
+    grid = torch.stack([points_px[..., 0] / width * 2 - 1, points_px[..., 1] / height * 2 - 1], -1)[:, :, None]
+    sampled = torch.nn.functional.grid_sample(
+        images.permute(0, 3, 1, 2), grid, mode="bilinear", padding_mode="border", align_corners=False
+    )
+    return sampled[..., 0].permute(0, 2, 1)
+
+
+def landmark_nme(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean point distance divided by the target's outer-eye-corner distance (36-45): (B,)."""
+    iod = (target[:, OUTER_EYE_CORNERS[0]] - target[:, OUTER_EYE_CORNERS[1]]).norm(dim=-1).clamp(min=1e-6)
+    return (predicted - target).norm(dim=-1).mean(-1) / iod
+
+
+# ------------------------------------------------------------------------------------- the fitter
+
+
+class _Problem:
+    """Tensors and closures of one batched fit."""
+
+    def __init__(
+        self,
+        model: FaceModel,
+        images: torch.Tensor,
+        landmarks: torch.Tensor,
+        masks: torch.Tensor | None,
+        settings: FitSettings,
+        rasterizer: Rasterizer | None,
+        exp_init: torch.Tensor | None,
+    ) -> None:
+        self.model, self.settings, self.rasterizer = model, settings, rasterizer
+        device = model.device
+        self.images = images.to(device)
+        self.landmarks = landmarks.to(device)
+        self.masks = masks.to(device) if masks is not None else None
+        batch = images.shape[0]
+        self.batch, self.height, self.width = batch, images.shape[1], images.shape[2]
+        self.camera = model.camera.resized(self.width) if self.width != model.camera.image_size else model.camera
+        weights = deng_landmark_weights() if settings.landmark_weights is None else torch.as_tensor(settings.landmark_weights, dtype=torch.float32)
+        if weights.shape != (68,):
+            raise ValueError(f"landmark_weights must have 68 entries, got {tuple(weights.shape)}")
+        self.lmk_weights = (weights / weights.sum()).to(device)
+        layout = model.layout
+        self.unit = _unit_scale(model)
+        zeros = lambda n: torch.zeros(batch, n, device=device)  # noqa: E731
+        self.id = zeros(layout.n_id).requires_grad_()
+        self.exp = (exp_init.to(device).clone() if exp_init is not None else zeros(layout.n_exp)).requires_grad_()
+        self.tex = zeros(layout.n_tex).requires_grad_()
+        self.angles = zeros(3).requires_grad_()
+        self.trans_cm = zeros(3).requires_grad_()
+        self.gamma = zeros(layout.n_gamma).requires_grad_()
+        face_tris = model.face_mask[model.triangles].all(1)
+        self.photo_triangles = model.triangles[face_tris]
+        self.smoother = mesh_smoothing_operator(model.triangles, model.n_vertices) if not model.has_albedo else None
+        self.albedo = torch.full((batch, model.n_vertices, 3), 0.5, device=device)
+        # landmark-only sub-model (cheap stage 1)
+        lmk = model.lmk68
+        self.lmk_mean = model.mean_shape[lmk]
+        self.lmk_id = model.id_basis[:, lmk].reshape(layout.n_id, -1)
+        self.lmk_exp = model.exp_basis[:, lmk].reshape(layout.n_exp, -1)
+
+    # -- parameters
+    def trans(self) -> torch.Tensor:
+        """Translation in model units."""
+        return self.trans_cm * self.unit
+
+    def project_clamp(self) -> None:
+        """Keep bounded expression weights in their range."""
+        if self.model.exp_bounds is not None:
+            with torch.no_grad():
+                self.exp.clamp_(*self.model.exp_bounds)
+
+    def coefficients(self) -> torch.Tensor:
+        """(B, total) coefficients in the model's layout."""
+        blocks = {"id": self.id, "exp": self.exp, "tex": self.tex, "angles": self.angles, "gamma": self.gamma, "trans": self.trans()}
+        return self.model.layout.join({k: v.detach() for k, v in blocks.items()})
+
+    # -- losses
+    def landmark_vertices(self) -> torch.Tensor:
+        """(B, 68, 3) model-space landmark vertices (only those are evaluated)."""
+        offsets = self.id @ self.lmk_id + self.exp @ self.lmk_exp
+        return self.lmk_mean + offsets.reshape(self.batch, 68, 3)
+
+    def project(self, vertices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Screen vertices (B, N, 3) and the rotation (B, 3, 3)."""
+        rotation = euler_to_rotation(self.angles)
+        return project_to_screen(rigid_transform(vertices, rotation, self.trans()), self.camera), rotation
+
+    def landmark_loss(self, projected: torch.Tensor) -> torch.Tensor:
+        """(B,) weighted mean squared pixel distance."""
+        return ((projected - self.landmarks) ** 2).sum(-1) @ self.lmk_weights
+
+    def regularisers(self) -> torch.Tensor:
+        """(B,) weighted identity / expression / texture / lighting priors."""
+        s = self.settings
+        sh = self.gamma.reshape(self.batch, 3, 9)
+        mono = ((sh - sh.mean(1, keepdim=True)) ** 2).mean((1, 2))
+        return (
+            s.w_id * (self.id**2).sum(-1)
+            + s.w_exp * (self.exp**2).sum(-1)
+            + s.w_tex * (self.tex**2).sum(-1)
+            + s.w_gamma * mono
+        )
+
+    def full_geometry(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Screen vertices, rotated unit normals (B, V, 3) and the model-space shape."""
+        shape = self.model.shape(self.id, self.exp)
+        screen, rotation = self.project(shape)
+        normals = vertex_normals(shape, self.model.triangles) @ rotation
+        return screen, normals, shape
+
+    @torch.no_grad()
+    def _vertex_samples(self, screen: torch.Tensor, normals: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image colours at the vertices (B, V, 3) and which vertices may be sampled (B, V) bool:
+        face region, facing the camera, inside the crop and the image mask."""
+        colours = sample_image(self.images, screen[..., :2])
+        valid = self.model.face_mask[None] & (normals[..., 2] > self.settings.min_facing)
+        valid &= (screen[..., 0] >= 0) & (screen[..., 0] < self.width) & (screen[..., 1] >= 0) & (screen[..., 1] < self.height)
+        if self.masks is not None:
+            valid &= sample_image(self.masks[..., None].float(), screen[..., :2])[..., 0] > 0.5
+        return colours, valid
+
+    @torch.no_grad()
+    def solve_white_lighting(self, colours: torch.Tensor, normals: torch.Tensor, valid: torch.Tensor) -> None:
+        """Closed-form white SH lighting: per channel ``colour = a_c * Y(n) . L_c`` by ridge least
+        squares over the valid vertices (constant albedo), then the per-channel coefficient ratios
+        ``0.8 * L_c / L_c[0]`` are averaged over the channels (white light, ambient 0.8 as Deng)."""
+        basis = sh_basis(normals)  # (B, V, 9)
+        weighted = basis * valid[..., None].float()
+        gram = weighted.transpose(1, 2) @ basis  # (B, 9, 9)
+        ridge = torch.full((9,), self.settings.lighting_ridge, device=gram.device)
+        ridge[0] = 1e-6
+        scale = gram.diagonal(dim1=1, dim2=2)[:, :1].clamp(min=1e-6)  # number of valid vertices * k0^2
+        gram = gram + torch.diag_embed(ridge * scale)
+        solution = torch.linalg.solve(gram, weighted.transpose(1, 2) @ colours)  # (B, 9, 3)
+        ambient = solution[:, :1].clamp(min=1e-4)
+        white = (SH_AMBIENT_INIT * solution / ambient).mean(-1)  # (B, 9)
+        white[:, 0] = SH_AMBIENT_INIT
+        gamma = white[:, None, :].repeat(1, 3, 1)
+        gamma[:, :, 0] -= SH_AMBIENT_INIT
+        self.gamma.copy_(gamma.reshape(self.batch, 27))
+
+    @torch.no_grad()
+    def update_lighting_and_albedo(self, screen: torch.Tensor, normals: torch.Tensor) -> None:
+        """ICT: closed-form white lighting, then the per-vertex albedo = image at the vertices de-lit
+        by the shading and low-pass filtered over the mesh. A model with an albedo basis keeps its
+        optimised lighting and uses its albedo."""
+        if self.model.has_albedo:
+            self.albedo = self.model.albedo(self.tex).clamp(0, 1)
+            return
+        colours, valid = self._vertex_samples(screen, normals)
+        self.solve_white_lighting(colours, normals, valid)
+        shading = irradiance(normals, self.gamma).clamp(min=0.05)
+        weight = valid.float()[..., None]
+        raw = (colours / shading).clamp(0, 1.5) * weight
+        num = _smooth(raw, self.smoother, self.settings.albedo_smoothing_steps)
+        den = _smooth(weight, self.smoother, self.settings.albedo_smoothing_steps)
+        mean = raw.sum(1, keepdim=True) / weight.sum(1, keepdim=True).clamp(min=1)
+        blend = (den / 0.2).clamp(max=1.0)  # far from valid vertices: fall back to the face's mean colour
+        self.albedo = (blend * num / den.clamp(min=1e-6) + (1 - blend) * mean).clamp(0, 1)
+
+    def vertex_colours(self, normals: torch.Tensor) -> torch.Tensor:
+        """(B, V, 3) shaded colours."""
+        albedo = self.model.albedo(self.tex) if self.model.has_albedo else self.albedo
+        return irradiance(normals, self.gamma) * albedo
+
+    def photometric_loss(self, screen: torch.Tensor, colours: torch.Tensor) -> torch.Tensor:
+        """(B,) mean L2 colour distance over covered face-region pixels inside the image mask."""
+        fragments = self.rasterizer(screen, self.photo_triangles, (self.height, self.width))
+        pixel_index, face_index, bary = fragments.pixel_index, fragments.face_index, fragments.bary_packed
+        n_per_image = self.height * self.width
+        batch_of = pixel_index // n_per_image
+        corners = self.photo_triangles[face_index]  # (N, 3)
+        pixel_colour = (bary[..., None] * colours[batch_of[:, None], corners]).sum(1)
+        target = self.images.reshape(-1, 3)[pixel_index]
+        weight = torch.ones_like(pixel_colour[:, 0])
+        if self.masks is not None:
+            weight = self.masks.reshape(-1)[pixel_index].float()
+        distance = ((pixel_colour - target) ** 2).sum(-1).add(1e-8).sqrt() * weight
+        total = torch.zeros(self.batch, device=screen.device).index_add(0, batch_of, distance)
+        count = torch.zeros(self.batch, device=screen.device).index_add(0, batch_of, weight)
+        return total / count.clamp(min=1.0)
+
+
+def _run_stage(
+    name: str,
+    params: list[dict],
+    closure: Callable[[], torch.Tensor],
+    project: Callable[[], None],
+    steps: int,
+    settings: FitSettings,
+    history: dict[str, list[float]],
+) -> int:
+    """Adam on ``params`` for up to ``steps`` steps with early stopping on the batch's summed loss."""
+    history[name] = []
+    if steps <= 0:
+        return 0
+    optimiser = torch.optim.Adam(params)
+    best, since_best = float("inf"), 0
+    iterator = tqdm(range(steps), desc=f"fit {name}", leave=False, disable=not settings.show_progress)
+    step = 0
+    for step in iterator:
+        optimiser.zero_grad(set_to_none=True)
+        loss = closure().sum()
+        loss.backward()
+        optimiser.step()
+        project()
+        value = float(loss.detach())
+        history[name].append(value)
+        if value < best * (1 - settings.early_stop_rel_tol):
+            best, since_best = value, 0
+        else:
+            since_best += 1
+            if since_best >= settings.early_stop_patience:
+                break
+    return step + 1
+
+
+def _as_float_images(images: torch.Tensor | np.ndarray) -> torch.Tensor:
+    array = torch.as_tensor(np.asarray(images)) if not isinstance(images, torch.Tensor) else images
+    if array.ndim != 4 or array.shape[-1] != 3:
+        raise ValueError(f"images must be (B, H, W, 3) uint8 RGB, got {tuple(array.shape)}")
+    if array.dtype == torch.uint8:
+        return array.float() / 255.0
+    if array.is_floating_point() and float(array.max()) <= 1.0 + 1e-6:
+        return array.float()
+    raise ValueError(f"images must be uint8 (0..255) or float in [0, 1], got {array.dtype}")
+
+
+def _fit(
+    model: FaceModel,
+    images: torch.Tensor | np.ndarray,
+    landmarks68: torch.Tensor | np.ndarray,
+    masks: torch.Tensor | np.ndarray | None = None,
+    settings: FitSettings | None = None,
+    rasterizer: Rasterizer | None | str = "default",
+    exp_init: torch.Tensor | None = None,
+) -> FitResult:
+    """Body of :func:`fit_coefficients` (arguments validated there)."""
+    settings = settings or FitSettings()
+    start = time.perf_counter()
+    images_f = _as_float_images(images)
+    landmarks = torch.as_tensor(np.asarray(landmarks68, dtype=np.float32) if not isinstance(landmarks68, torch.Tensor) else landmarks68).float()
+    if landmarks.shape != (images_f.shape[0], 68, 2):
+        raise ValueError(f"landmarks68 must be (B, 68, 2) = ({images_f.shape[0]}, 68, 2), got {tuple(landmarks.shape)}")
+    if not torch.isfinite(landmarks).all():
+        raise ValueError("landmarks68 contain NaN or infinite values")
+    masks_t = None
+    if masks is not None:
+        masks_t = torch.as_tensor(np.asarray(masks)) if not isinstance(masks, torch.Tensor) else masks
+        if masks_t.shape != images_f.shape[:3]:
+            raise ValueError(f"masks must be (B, H, W) = {tuple(images_f.shape[:3])}, got {tuple(masks_t.shape)}")
+        masks_t = masks_t.float()
+    if exp_init is not None and exp_init.shape != (images_f.shape[0], model.layout.n_exp):
+        raise ValueError(f"exp_init must be (B, {model.layout.n_exp}), got {tuple(exp_init.shape)}")
+    if rasterizer == "default":
+        rasterizer = default_rasterizer()
+    problem = _Problem(model, images_f, landmarks, masks_t, settings, rasterizer, exp_init)
+    problem.project_clamp()
+    steps: dict[str, int] = {}
+    history: dict[str, list[float]] = {}
+
+    def landmark_closure() -> torch.Tensor:
+        projected, _ = problem.project(problem.landmark_vertices())
+        return settings.w_landmark * problem.landmark_loss(projected[..., :2]) + problem.regularisers()
+
+    p = problem
+    rigid = [{"params": [p.angles], "lr": settings.lr_angles}, {"params": [p.trans_cm], "lr": settings.lr_trans * 50}]
+    steps["rigid"] = _run_stage("rigid", rigid, landmark_closure, p.project_clamp, settings.rigid_steps, settings, history)
+    shape_params = [
+        {"params": [p.angles], "lr": settings.lr_angles},
+        {"params": [p.trans_cm], "lr": settings.lr_trans * 10},
+        {"params": [p.id], "lr": settings.lr_id},
+        {"params": [p.exp], "lr": settings.lr_exp},
+    ]
+    steps["landmark"] = _run_stage("landmark", shape_params, landmark_closure, p.project_clamp, settings.landmark_steps, settings, history)
+
+    photometric = settings.use_photometric and rasterizer is not None and settings.photometric_steps > 0
+    if photometric:
+        counter = {"step": 0}
+
+        def full_closure() -> torch.Tensor:
+            screen, normals, _ = p.full_geometry()
+            if counter["step"] % max(settings.albedo_every, 1) == 0:
+                p.update_lighting_and_albedo(screen.detach(), normals.detach())
+            counter["step"] += 1
+            lmk_screen = screen[:, model.lmk68, :2]
+            photo = p.photometric_loss(screen, p.vertex_colours(normals))
+            return settings.w_landmark * p.landmark_loss(lmk_screen) + settings.w_photometric * photo + p.regularisers()
+
+        scale = settings.photometric_lr_scale
+        refine = [dict(group, lr=group["lr"] * scale) for group in shape_params]
+        if model.has_albedo:  # a model with an albedo basis: optimise its texture and the lighting too
+            refine += [{"params": [p.tex], "lr": settings.lr_tex}, {"params": [p.gamma], "lr": settings.lr_gamma}]
+        steps["photometric"] = _run_stage("photometric", refine, full_closure, p.project_clamp, settings.photometric_steps, settings, history)
+
+    # final evaluation
+    with torch.no_grad():
+        screen, normals, _ = p.full_geometry()
+        if photometric:
+            p.update_lighting_and_albedo(screen, normals)
+        fitted = screen[:, model.lmk68, :2]
+        losses = {
+            "landmark": p.landmark_loss(fitted),
+            "landmark_nme": landmark_nme(fitted, p.landmarks),
+            "regulariser": p.regularisers(),
+        }
+        if photometric:
+            losses["photometric"] = p.photometric_loss(screen, p.vertex_colours(normals))
+        total = settings.w_landmark * losses["landmark"] + losses["regulariser"]
+        if photometric:
+            total = total + settings.w_photometric * losses["photometric"]
+        losses["total"] = total
+        overlay = render_overlay(model, p, screen, normals)
+    return FitResult(
+        coefficients=p.coefficients().cpu(),
+        landmarks68=fitted.cpu(),
+        losses={k: v.detach().cpu().numpy().astype(np.float32) for k, v in losses.items()},
+        overlay=overlay,
+        albedo=p.albedo.detach().cpu(),
+        steps=steps,
+        history=history,
+        seconds=time.perf_counter() - start,
+    )
+
+
+def fit_coefficients(
+    model: FaceModel,
+    images: torch.Tensor | np.ndarray,
+    landmarks68: torch.Tensor | np.ndarray,
+    masks: torch.Tensor | np.ndarray | None = None,
+    settings: FitSettings | None = None,
+    rasterizer: Rasterizer | None | str = "default",
+    exp_init: torch.Tensor | None = None,
+) -> FitResult:
+    """Fit the face model to a batch of aligned crops.
+
+    Args:
+        model: the face model (its device is used).
+        images: (B, H, W, 3) uint8 RGB aligned crops (224x224 for Deng's camera; other sizes
+            rescale the camera).
+        landmarks68: (B, 68, 2) detector points in crop pixels (x right, y down).
+        masks: optional (B, H, W) photometric mask (bool or 0..1).
+        settings: :class:`FitSettings` (defaults when None).
+        rasterizer: ``"default"`` (the project's fast rasterizer), a callable, or None to fit
+            landmarks only.
+        exp_init: optional (B, K_exp) initial expression weights (e.g.
+            :func:`expression_from_blendshapes`).
+
+    Returns:
+        :class:`FitResult` with tensors on the CPU.
+    """
+    settings = settings or FitSettings()
+    previous_threads = torch.get_num_threads()
+    change_threads = settings.cpu_threads is not None and model.device.type == "cpu"
+    if change_threads:
+        torch.set_num_threads(int(settings.cpu_threads))
+    try:
+        return _fit(model, images, landmarks68, masks, settings, rasterizer, exp_init)
+    finally:
+        if change_threads:
+            torch.set_num_threads(previous_threads)
+
+
+# ------------------------------------------------------------------------------------- overlay
+
+
+def _wireframe(image: np.ndarray, points: np.ndarray, triangles: np.ndarray, visible: np.ndarray) -> np.ndarray:
+    """Draw visible triangle edges (thin grey) on a uint8 image copy."""
+    out = image.copy()
+    for tri in triangles[visible[triangles].all(1)][::4]:
+        cv2.polylines(out, [np.round(points[tri] * 4).astype(np.int32)], True, (200, 200, 200), 1, cv2.LINE_AA, shift=2)
+    return out
+
+
+@torch.no_grad()
+def render_overlay(model: FaceModel, problem: _Problem, screen: torch.Tensor, normals: torch.Tensor, alpha: float = 0.6) -> np.ndarray:
+    """(B, H, W, 3) uint8: the fitted face (grey albedo, fitted lighting) blended over the crop, with
+    fitted landmarks (green) and target landmarks (red). Falls back to a wireframe without a rasterizer."""
+    images = (problem.images.clamp(0, 1) * 255).round().byte().cpu().numpy()
+    out = images.copy()
+    if problem.rasterizer is not None:
+        grey = torch.full_like(normals, 0.7)
+        colours = irradiance(normals, problem.gamma) * grey
+        fragments = problem.rasterizer(screen, model.triangles, (problem.height, problem.width))
+        pixel_index, face_index, bary = fragments.pixel_index, fragments.face_index, fragments.bary_packed
+        batch_of = pixel_index // (problem.height * problem.width)
+        corners = model.triangles[face_index]
+        pixel_colour = (bary[..., None] * colours[batch_of[:, None], corners]).sum(1).clamp(0, 1)
+        flat = torch.as_tensor(out).reshape(-1, 3).float().to(pixel_colour.device)
+        flat[pixel_index] = (1 - alpha) * flat[pixel_index] + alpha * pixel_colour * 255
+        out = flat.round().clamp(0, 255).byte().cpu().numpy().reshape(out.shape)
+    else:
+        visible = (normals[..., 2] > 0).cpu().numpy() & model.face_mask.cpu().numpy()[None]
+        tris = model.triangles.cpu().numpy()
+        out = np.stack([_wireframe(out[b], screen[b, :, :2].cpu().numpy(), tris, visible[b]) for b in range(len(out))])
+    fitted = screen[:, model.lmk68, :2].cpu().numpy()
+    target = problem.landmarks.cpu().numpy()
+    for b in range(out.shape[0]):
+        canvas = np.ascontiguousarray(out[b])
+        for (x, y) in target[b]:
+            cv2.circle(canvas, (int(x), int(y)), 1, (255, 0, 0), -1)
+        for (x, y) in fitted[b]:
+            cv2.circle(canvas, (int(x), int(y)), 1, (0, 255, 0), -1)
+        out[b] = canvas
+    return out
