@@ -97,20 +97,23 @@ class FaceTensors:
         )
 
 
-def validation_split(face_keys: list[str], fraction: float, seed: int) -> np.ndarray:
+def validation_split(face_keys: list[str], fraction: float, seed: int, threshold_from: int = 100) -> np.ndarray:
     """A seeded, content-based split: ``True`` = validation face.
 
-    Each face goes to validation when the hash of ``seed:key`` falls below ``fraction``, so the
-    split of a face never changes when other faces are added. With at least two faces, at least
-    one lands on each side.
+    Each face gets a score from the hash of ``seed:key``. With ``threshold_from`` faces or more, a
+    face is in validation when its score is below ``fraction``, so adding faces never moves
+    another face across the split. Smaller sets take exactly ``round(fraction * n)`` faces (the
+    lowest scores; at least one on each side when there are two faces or more), so a tiny sample
+    is not split at random proportions.
     """
     scores = np.array([int(hashlib.sha256(f"{seed}:{k}".encode()).hexdigest()[:12], 16) / 16**12 for k in face_keys])
-    is_val = scores < fraction
-    if len(face_keys) >= 2 and fraction > 0:
-        if is_val.all():
-            is_val[np.argmax(scores)] = False
-        if not is_val.any():
-            is_val[np.argmin(scores)] = True
+    n = len(face_keys)
+    if n >= threshold_from:
+        return scores < fraction
+    is_val = np.zeros(n, bool)
+    if n >= 2 and fraction > 0:
+        k = min(n - 1, max(1, int(round(fraction * n))))
+        is_val[np.argsort(scores)[:k]] = True
     return is_val
 
 
