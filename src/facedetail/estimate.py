@@ -103,9 +103,9 @@ class FaceEstimator:
             "landmarks": landmark_backend,
             "bisenet": str(bisenet_path),
             "regressor": str(deng_path) if self.regressor is not None else None,
-            "blendshape_init": bool(self.params.get("use_blendshape_init", True)),
+            "blendshape_init": bool(self.params.get("use_blendshape_init", False)),
             "facenet": self.sources["facenet"],
-            "version": 1,
+            "version": 2,
         }
         self.cache = FaceCache(cache_root, "estimation", cache_settings) if cache_root is not None else None
 
@@ -142,18 +142,20 @@ class FaceEstimator:
                 images = torch.from_numpy(crops[found]).permute(0, 3, 1, 2).float().div(255).to(self.device)
                 coefficients = self.regressor(images).cpu().numpy()
             screen = fitted_screen_vertices(self.face_model, torch.from_numpy(coefficients).to(self.device), crops.shape[1])
-            fitted = screen[:, self.face_model.lmk68, :2].cpu().numpy()
+            fitted = screen[:, self.face_model.lmk68, :2].cpu().numpy() - 0.5  # continuous -> integer pixel centres
             overlays = crops[found].copy()
             losses = {"landmark_nme": np.full(len(found), np.nan)}
         else:
             exp_init = None
-            if self.params.get("use_blendshape_init", True) and detected.blendshapes is not None and self.face_model.kind == "ict":
+            if self.params.get("use_blendshape_init", False) and detected.blendshapes is not None and self.face_model.kind == "ict":
                 names = list(detected.blendshape_names)
                 scores = [dict(zip(names, row.tolist())) for row in np.asarray(detected.blendshapes)[found]]
                 exp_init = expression_from_blendshapes(scores, list(self.face_model.exp_names)).to(self.device)
-            fit = fit_coefficients(self.face_model, crops[found], lmk, masks_np, self.fit_settings, exp_init=exp_init)
+            # Detectors and alignment use integer pixel centres; the camera/renderer continuous
+            # coordinates (pixel c covers [c, c+1)): shift by half a pixel in and out.
+            fit = fit_coefficients(self.face_model, crops[found], lmk + 0.5, masks_np, self.fit_settings, exp_init=exp_init)
             coefficients = fit.coefficients.numpy()
-            fitted = fit.landmarks68.numpy()
+            fitted = fit.landmarks68.numpy() - 0.5
             overlays = fit.overlay
             losses = fit.losses
         embeddings = None

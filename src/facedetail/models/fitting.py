@@ -12,7 +12,9 @@ Per face (batched) on an aligned 224x224 crop, coefficients in the model's layou
   visible vertices, de-lit by the current SH shading and low-pass filtered over the mesh
   (``albedo_smoothing_steps`` neighbour averages), re-estimated every ``albedo_every`` steps; for a
   model with an albedo basis (BFM) the ``tex`` block is optimised instead;
-* Deng et al.'s 27-coefficient SH lighting (``gamma``) with a monochrome prior;
+* Deng et al.'s 27-coefficient SH lighting (``gamma``). ICT: white light solved in closed form
+  (:func:`estimate_white_lighting`, ridge least squares with a constant albedo) whenever the
+  albedo is re-estimated. A model with an albedo basis: optimised by Adam with a monochrome prior;
 * identity / expression / texture L2 regularisers; ICT expression weights are kept in [0, 1]
   (projected after every step).
 
@@ -72,7 +74,7 @@ class FitSettings:
     landmark_steps: int = 240
     photometric_steps: int = 60
     lr_angles: float = 0.02
-    lr_trans: float = 0.02  # times the model's units per 10 mm (ICT: 0.2 cm... see _unit_scale)
+    lr_trans_cm: float = 0.2  # translation step in centimetres (x5 in the rigid stage), any model unit
     lr_id: float = 0.05
     lr_exp: float = 0.03
     lr_tex: float = 0.05
@@ -211,6 +213,36 @@ def sample_image(images: torch.Tensor, points_px: torch.Tensor) -> torch.Tensor:
     return sampled[..., 0].permute(0, 2, 1)
 
 
+@torch.no_grad()
+def estimate_white_lighting(colours: torch.Tensor, normals: torch.Tensor, valid: torch.Tensor, ridge: float = 1e-4) -> torch.Tensor:
+    """Closed-form white SH lighting (Deng et al.'s gamma) from observed vertex colours.
+
+    Per channel ``colour = a_c * Y(n) . L_c`` is solved by ridge least squares over the valid
+    vertices (constant albedo per channel); the per-channel ratios ``0.8 * L_c / L_c[0]`` are
+    averaged over the channels (white light) and the ambient term is fixed at Deng's 0.8.
+
+    Args:
+        colours: (B, V, 3) observed colours in [0, 1].
+        normals: (B, V, 3) unit normals in the rotated model frame.
+        valid: (B, V) bool, which vertices to use.
+        ridge: ridge on the 8 non-ambient terms, relative to the ambient term's Gram entry.
+
+    Returns:
+        (B, 27) gamma (the same 9 values for R, G, B; first one 0 so that ambient = 0.8).
+    """
+    basis = sh_basis(normals)  # (B, V, 9)
+    weighted = basis * valid[..., None].to(basis.dtype)
+    gram = weighted.transpose(1, 2) @ basis  # (B, 9, 9)
+    penalty = torch.full((9,), float(ridge), device=gram.device, dtype=gram.dtype)
+    penalty[0] = 1e-6
+    scale = gram.diagonal(dim1=1, dim2=2)[:, :1].clamp(min=1e-6)
+    solution = torch.linalg.solve(gram + torch.diag_embed(penalty * scale), weighted.transpose(1, 2) @ colours)  # (B, 9, 3)
+    ambient = solution[:, :1].clamp(min=1e-4)
+    white = (SH_AMBIENT_INIT * solution / ambient).mean(-1)  # (B, 9)
+    white[:, 0] = 0.0
+    return white[:, None, :].repeat(1, 3, 1).reshape(-1, 27)
+
+
 def landmark_nme(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean point distance divided by the target's outer-eye-corner distance (36-45): (B,)."""
     iod = (target[:, OUTER_EYE_CORNERS[0]] - target[:, OUTER_EYE_CORNERS[1]]).norm(dim=-1).clamp(min=1e-6)
@@ -326,26 +358,6 @@ class _Problem:
         return colours, valid
 
     @torch.no_grad()
-    def solve_white_lighting(self, colours: torch.Tensor, normals: torch.Tensor, valid: torch.Tensor) -> None:
-        """Closed-form white SH lighting: per channel ``colour = a_c * Y(n) . L_c`` by ridge least
-        squares over the valid vertices (constant albedo), then the per-channel coefficient ratios
-        ``0.8 * L_c / L_c[0]`` are averaged over the channels (white light, ambient 0.8 as Deng)."""
-        basis = sh_basis(normals)  # (B, V, 9)
-        weighted = basis * valid[..., None].float()
-        gram = weighted.transpose(1, 2) @ basis  # (B, 9, 9)
-        ridge = torch.full((9,), self.settings.lighting_ridge, device=gram.device)
-        ridge[0] = 1e-6
-        scale = gram.diagonal(dim1=1, dim2=2)[:, :1].clamp(min=1e-6)  # number of valid vertices * k0^2
-        gram = gram + torch.diag_embed(ridge * scale)
-        solution = torch.linalg.solve(gram, weighted.transpose(1, 2) @ colours)  # (B, 9, 3)
-        ambient = solution[:, :1].clamp(min=1e-4)
-        white = (SH_AMBIENT_INIT * solution / ambient).mean(-1)  # (B, 9)
-        white[:, 0] = SH_AMBIENT_INIT
-        gamma = white[:, None, :].repeat(1, 3, 1)
-        gamma[:, :, 0] -= SH_AMBIENT_INIT
-        self.gamma.copy_(gamma.reshape(self.batch, 27))
-
-    @torch.no_grad()
     def update_lighting_and_albedo(self, screen: torch.Tensor, normals: torch.Tensor) -> None:
         """ICT: closed-form white lighting, then the per-vertex albedo = image at the vertices de-lit
         by the shading and low-pass filtered over the mesh. A model with an albedo basis keeps its
@@ -354,7 +366,7 @@ class _Problem:
             self.albedo = self.model.albedo(self.tex).clamp(0, 1)
             return
         colours, valid = self._vertex_samples(screen, normals)
-        self.solve_white_lighting(colours, normals, valid)
+        self.gamma.copy_(estimate_white_lighting(colours, normals, valid, self.settings.lighting_ridge))
         shading = irradiance(normals, self.gamma).clamp(min=0.05)
         weight = valid.float()[..., None]
         raw = (colours / shading).clamp(0, 1.5) * weight
@@ -470,11 +482,11 @@ def _fit(
         return settings.w_landmark * problem.landmark_loss(projected[..., :2]) + problem.regularisers()
 
     p = problem
-    rigid = [{"params": [p.angles], "lr": settings.lr_angles}, {"params": [p.trans_cm], "lr": settings.lr_trans * 50}]
+    rigid = [{"params": [p.angles], "lr": settings.lr_angles}, {"params": [p.trans_cm], "lr": settings.lr_trans_cm * 5}]
     steps["rigid"] = _run_stage("rigid", rigid, landmark_closure, p.project_clamp, settings.rigid_steps, settings, history)
     shape_params = [
         {"params": [p.angles], "lr": settings.lr_angles},
-        {"params": [p.trans_cm], "lr": settings.lr_trans * 10},
+        {"params": [p.trans_cm], "lr": settings.lr_trans_cm},
         {"params": [p.id], "lr": settings.lr_id},
         {"params": [p.exp], "lr": settings.lr_exp},
     ]
