@@ -1,6 +1,8 @@
 """68-point landmarks: 478 -> 68 mapping, MediaPipe backend on real aligned photos, FAN backend plumbing/errors."""
 from __future__ import annotations
 
+import sys
+
 from pathlib import Path
 
 import cv2
@@ -138,7 +140,9 @@ def test_fan_backend_runs_offline_with_local_weights(tmp_path, aligned, monkeypa
 
     # face-alignment JIT-compiles its heatmap decoding with numba (~20 s per process); plain Python is enough
     # for one crop. Takes effect when face_alignment is first imported here (decoration time).
-    monkeypatch.setattr(numba.config, "DISABLE_JIT", True)
+    # Only possible before face_alignment's first import: toggling it afterwards breaks numba's dispatchers.
+    if "face_alignment" not in sys.modules:
+        monkeypatch.setattr(numba.config, "DISABLE_JIT", True)
     from face_alignment.models import FAN
 
     torch.manual_seed(0)

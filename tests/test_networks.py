@@ -197,9 +197,10 @@ def test_project_parameters_build_the_model(conf_file: str) -> None:
     if not path.exists():
         pytest.skip(f"{path} not found")
     train = yaml.safe_load(path.read_text())["train"]
+    uv_size = yaml.safe_load((path.parent / "parameters_uv_maps.yml").read_text())["uv_maps"]["uv_size"]
     model = DetailGenerator.from_config(train["model"])
-    assert model.embedding_net.size_multiple <= train["uv_size"]
-    assert train["uv_size"] % model.embedding_net.size_multiple == 0
+    assert model.embedding_net.size_multiple <= uv_size
+    assert uv_size % model.embedding_net.size_multiple == 0
     if "discriminator" in train:
         build_discriminator(train["discriminator"])
 
