@@ -140,3 +140,14 @@ def test_validation_split_is_seeded_stable_and_never_one_sided():
     assert small.sum() == 1  # round(0.2 * 6)
     assert validation_split(["a", "b"], 0.01, seed=0).sum() == 1
     assert validation_split(["a"], 0.5, seed=0).sum() == 0  # a single face trains
+
+
+def test_completed_run_trains_anew_and_changed_settings_do_not_resume(face_model, tmp_path):
+    data = synthetic_faces(face_model)
+    first = DetailTrainer(face_model, None, tiny_config(tmp_path, steps=2), UV, torch.device("cpu"))
+    first.fit(data)
+    again = DetailTrainer(face_model, None, tiny_config(tmp_path, steps=2), UV, torch.device("cpu")).fit(data)
+    assert again.resumed_from is None  # the first run completed: a new run starts from step 0
+    changed = DetailTrainer(face_model, None, tiny_config(tmp_path, steps=2, batch_size=1), UV, torch.device("cpu"))
+    assert changed.run_key(data) != first.run_key(data)
+    assert first.run_key(data.subset([0])) != first.run_key(data)  # other faces, other run

@@ -176,8 +176,8 @@ class DetailTrainer:
         self.log_metrics = log_metrics or (lambda metrics, step: None)
         self.log_images = log_images or (lambda name, image, step: None)
         self.use_amp = bool(config.get("mixed_precision", True)) and device.type == "cuda"
-        run_key = {"model": model_config, "discriminator": dict(config["discriminator"]), "uv_size": self.uv_size, "kind": face_model.kind}
-        self.checkpoint_dir = Path(config.get("checkpoint_dir", "data/06_models/checkpoints")) / settings_hash(run_key)
+        self.checkpoint_root = Path(config.get("checkpoint_dir", "data/06_models/checkpoints"))
+        self.checkpoint_dir = self.checkpoint_root  # set per training set in fit()
         self.sampler = torch.Generator().manual_seed(int(config.get("seed", 0)))
 
     # ------------------------------------------------------------------ checkpoints
@@ -197,19 +197,36 @@ class DetailTrainer:
             "sampler": self.sampler.get_state(),
         }
 
-    def save_checkpoint(self, step: int) -> Path:
-        path = atomic_torch_save(self.state_dict(step), checkpoint_path(self.checkpoint_dir, step))
+    def save_checkpoint(self, step: int, completed: bool = False) -> Path:
+        path = atomic_torch_save({**self.state_dict(step), "completed": completed}, checkpoint_path(self.checkpoint_dir, step))
         prune_checkpoints(self.checkpoint_dir, int(self.config.get("keep_checkpoints", 3)))
         return path
 
+    #: Parameters that do not change what is trained (a resumed run may change them).
+    NON_TRAINING_KEYS = ("log_every", "image_log_every", "checkpoint_every", "keep_checkpoints", "checkpoint_dir", "resume",
+                         "registered_model_name", "nan_tolerance", "validation_fraction", "split_seed")
+
+    def run_key(self, train: FaceTensors) -> str:
+        """Hash of everything that defines a training run: settings, face model, UV size and training faces."""
+        settings = {k: v for k, v in self.config.items() if k not in self.NON_TRAINING_KEYS}
+        return settings_hash({"train": settings, "uv_size": self.uv_size, "kind": self.face_model.kind, "faces": sorted(train.face_ids)})
+
     def try_resume(self) -> int:
-        """Load the latest checkpoint of this configuration; returns the step to start from."""
+        """Load the latest checkpoint of an interrupted run with the same key; returns the step to start from.
+
+        A run that reached its last step saved a ``completed`` checkpoint: starting it again trains anew.
+        """
         if not self.config.get("resume", True):
             return 0
         path = latest_checkpoint(self.checkpoint_dir)
         if path is None:
             return 0
         state = load_checkpoint(path, map_location=self.device)
+        if state.get("completed", False):
+            logger.info("the previous run with these settings completed (%s): training anew", path)
+            for old in self.checkpoint_dir.glob("step_*.pt"):
+                old.unlink(missing_ok=True)
+            return 0
         self.generator.load_state_dict(state["generator"])
         self.discriminator.load_state_dict(state["discriminator"])
         self.opt_g.load_state_dict(state["opt_g"])
@@ -287,7 +304,7 @@ class DetailTrainer:
         terms, extras = self.losses(batch, step, scene)
         if not torch.isfinite(terms["total"]):
             self.opt_g.zero_grad(set_to_none=True)
-            logger.warning("step %d: non-finite loss %s, step skipped", step, {k: float(v) for k, v in terms.items()})
+            logger.warning("step %d: non-finite loss %s, step skipped", step, {k: float(v.detach()) for k, v in terms.items()})
             return None
         self.opt_g.zero_grad(set_to_none=True)
         terms["total"].backward()
@@ -305,8 +322,8 @@ class DetailTrainer:
                 d_loss.backward()
                 self.opt_d.step()
             metrics["loss_discriminator"] = float(d_loss.detach())
+            self.sched_d.step()
         self.sched_g.step()
-        self.sched_d.step()
         metrics["learning_rate"] = float(self.opt_g.param_groups[0]["lr"])
         metrics.update(extras["weights"])
         metrics["displacement_abs_mean"] = float(extras["displacement"].detach().abs().mean())
@@ -334,6 +351,7 @@ class DetailTrainer:
             raise TrainingError("the training set is empty: no face passed data_prep/estimation (see the manifest)")
         steps = int(self.config["steps"])
         batch_size = min(int(self.config["batch_size"]), len(train))
+        self.checkpoint_dir = self.checkpoint_root / self.run_key(train)
         start = self.try_resume()
         result = TrainingResult(self.generator, resumed_from=start or None)
         train = train.to(self.device)
@@ -372,7 +390,7 @@ class DetailTrainer:
             self.log_metrics(val_metrics, steps)
             result.history.append({"step": steps, **val_metrics})
         result.final_step = steps
-        result.checkpoint = self.save_checkpoint(steps)
+        result.checkpoint = self.save_checkpoint(steps, completed=True)
         return result
 
     # ------------------------------------------------------------------ visualisation

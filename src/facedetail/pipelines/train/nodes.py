@@ -109,3 +109,15 @@ def train_detail_generator(
     }
     split = {"train": train_set.face_ids, "validation": val_set.face_ids}
     return checkpoint, pd.DataFrame(result.history), split
+
+
+def register_model(detail_model: dict[str, Any], train_params: dict[str, Any], parameters: dict[str, Any]) -> dict[str, Any]:
+    """Register the trained model (pyfunc) in the MLflow model registry under ``train.registered_model_name``."""
+    from facedetail.serving import register_detail_model
+
+    if mlflow.active_run() is None:
+        logger.warning("no active MLflow run: the model is not registered")
+        return {"registered_model_name": train_params["registered_model_name"], "version": None}
+    record = register_detail_model(detail_model, parameters, train_params["registered_model_name"])
+    logger.info("registered %s version %s (%s)", record["registered_model_name"], record["version"], record["model_uri"])
+    return record

@@ -1,7 +1,7 @@
 """train pipeline (the training step only; the registry chains data_prep → estimation → uv_maps → train → evaluate)."""
 from kedro.pipeline import Node, Pipeline
 
-from .nodes import train_detail_generator
+from .nodes import register_model, train_detail_generator
 
 
 def create_pipeline(**kwargs) -> Pipeline:
@@ -21,6 +21,13 @@ def create_pipeline(**kwargs) -> Pipeline:
                 ],
                 outputs=["detail_model", "training_history", "train_split"],
                 name="train_detail_generator",
+                tags=["train"],
+            ),
+            Node(
+                register_model,
+                inputs=["detail_model", "params:train", "parameters"],
+                outputs="model_registration",
+                name="register_model",
                 tags=["train"],
             ),
         ]

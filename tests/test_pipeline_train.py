@@ -1,0 +1,136 @@
+"""`kedro run --pipelines=train` end to end on the built-in sample, through a real KedroSession:
+versioned outputs, MLflow metrics/images/artifacts, a registered model that a new process loads
+from the registry and uses to reconstruct a face, and a cached rerun that recomputes nothing."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = REPO_ROOT / "data" / "01_raw" / "faces"
+ICT = REPO_ROOT.parent / "shared" / "assets" / "ict_facekit" / "ict_face_only_9409.npz"
+pytestmark = pytest.mark.skipif(not ICT.is_file(), reason=f"ICT-FaceKit model not found at {ICT}")
+MODEL_NAME = "facedetail-test-model"
+
+TINY = {
+    "uv_maps": {"uv_size": 32},
+    "train": {
+        "steps": 3,
+        "batch_size": 2,
+        "log_every": 1,
+        "image_log_every": 2,
+        "checkpoint_every": 2,
+        "registered_model_name": MODEL_NAME,
+        "model": {"ngf": 8, "num_downs": 5, "embedding_channels": 4, "regions": 2, "filter_pool": 2},
+        "discriminator": {"ndf": 8, "n_layers": 2},
+    },
+    "estimation": {"fitting": {"rigid_steps": 20, "landmark_steps": 40, "photometric_steps": 10}},
+}
+
+
+def _run(project: Path, pipeline: str) -> float:
+    from kedro.framework.session import KedroSession
+    from kedro.framework.startup import bootstrap_project
+
+    bootstrap_project(project)
+    tic = time.perf_counter()
+    with KedroSession.create(project_path=project, conf_source=str(REPO_ROOT / "conf"), runtime_params=TINY) as session:
+        session.run(pipeline_names=[pipeline])
+    return time.perf_counter() - tic
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    import mlflow
+
+    project = tmp_path_factory.mktemp("project")
+    (project / "pyproject.toml").write_text((REPO_ROOT / "pyproject.toml").read_text())
+    (project / "src").mkdir()
+    tracking_uri = f"sqlite:///{project / 'mlruns.db'}"
+    patch = pytest.MonkeyPatch()
+    patch.chdir(project)
+    for key, value in {
+        "DO_NOT_TRACK": "1",
+        "FACEDETAIL_RAW_FACES": str(SAMPLE),
+        "FACEDETAIL_ICT_MODEL": str(ICT),
+        "MLFLOW_TRACKING_URI": tracking_uri,
+        "FACEDETAIL_DEVICE": "cpu",
+    }.items():
+        patch.setenv(key, value)
+    try:
+        first = _run(project, "train")
+        yield project, tracking_uri, first
+    finally:
+        if mlflow.active_run() is not None:
+            mlflow.end_run()
+        patch.undo()
+
+
+def _single_version(folder: Path, name: str) -> Path:
+    versions = sorted((folder / name).iterdir())
+    assert len(versions) >= 1
+    return versions[-1] / name
+
+
+def test_train_writes_versioned_outputs(trained):
+    project, _, _ = trained
+    import torch
+
+    checkpoint = torch.load(_single_version(project / "data" / "06_models", "detail_generator.pt"), weights_only=True)
+    assert checkpoint["uv_size"] == 32 and checkpoint["face_model_kind"] == "ict" and checkpoint["step"] == 3
+    with np.load(_single_version(project / "data" / "04_feature", "uv_maps.npz")) as uv:
+        assert uv["expression_maps"].shape[1:] == (3, 32, 32)
+        assert len(uv["face_ids"]) >= 5  # the sample has 5 images, one of them with two faces
+    with np.load(_single_version(project / "data" / "04_feature", "face_estimates.npz")) as est:
+        assert est["coefficients"].shape[1] == 186  # ICT layout: 100 id + 53 exp + 3 + 27 + 3
+        assert np.median(est["landmark_nme"]) < 0.05
+
+
+def test_run_is_tracked_and_model_registered(trained):
+    from mlflow.tracking import MlflowClient
+
+    _, tracking_uri, _ = trained
+    client = MlflowClient(tracking_uri=tracking_uri)
+    run = client.search_runs([client.get_experiment_by_name("facedetail").experiment_id])[0]
+    history = client.get_metric_history(run.info.run_id, "train.loss_total")
+    assert [m.step for m in history] == [0, 1, 2]
+    assert "evaluate.mean_photometric_l1_detailed" in run.data.metrics
+    assert run.data.params["train.steps"] == "3"
+    assert run.data.tags["estimation.source.mask"] == "landmarks+skin_gmm"
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "train")}
+    assert "train/train_grid_000000.png" in artifacts and "train/model_registration.json" in artifacts
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "evaluate")} >= {"evaluate/evaluation_table.csv", "evaluate/coarse_vs_detailed.png"}
+    versions = client.search_model_versions(f"name='{MODEL_NAME}'")
+    assert len(versions) == 1 and versions[0].run_id == run.info.run_id
+
+
+def test_registered_model_reconstructs_a_face_in_a_new_process(trained):
+    project, tracking_uri, _ = trained
+    script = (
+        "import mlflow, pandas as pd, json, sys\n"
+        f"mlflow.set_tracking_uri({tracking_uri!r})\n"
+        f"model = mlflow.pyfunc.load_model('models:/{MODEL_NAME}/latest')\n"
+        f"out = model.predict(pd.DataFrame({{'image': [{str(SAMPLE / 'astronaut.jpg')!r}]}}))\n"
+        "print(json.dumps({'n': len(out), 'face_id': out['face_id'][0], 'uv': int(out['uv_size'][0]),"
+        " 'lmk': len(out['landmarks68'][0]), 'k': len(out['coefficients'][0])}))\n"
+    )
+    env = {"DO_NOT_TRACK": "1", "FACEDETAIL_DEVICE": "cpu", "PATH": "/usr/bin:/bin"}
+    done = subprocess.run([sys.executable, "-c", script], cwd=project, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result == {"n": 1, "face_id": "astronaut__f0", "uv": 32, "lmk": 68, "k": 186}
+
+
+def test_cached_rerun_recomputes_no_estimate(trained):
+    project, _, first = trained
+    cache_files = list((project / "data" / "04_feature" / "estimation_cache").rglob("*.npz"))
+    assert len(cache_files) >= 6
+    before = {p: p.stat().st_mtime_ns for p in cache_files}
+    _run(project, "estimation")
+    assert {p: p.stat().st_mtime_ns for p in cache_files} == before  # nothing re-estimated
