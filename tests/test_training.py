@@ -151,3 +151,12 @@ def test_completed_run_trains_anew_and_changed_settings_do_not_resume(face_model
     changed = DetailTrainer(face_model, None, tiny_config(tmp_path, steps=2, batch_size=1), UV, torch.device("cpu"))
     assert changed.run_key(data) != first.run_key(data)
     assert first.run_key(data.subset([0])) != first.run_key(data)  # other faces, other run
+
+
+def test_zero_displacement_renders_exactly_the_coarse_face(face_model):
+    renderer = DetailRenderer(face_model, UV, albedo_blur_sigma=1.0)
+    data = synthetic_faces(face_model, renderer)
+    scene = renderer.prepare(data.coefficients, data.uv_textures, data.texture_valid)
+    positions, normals = renderer.detailed_maps(scene, torch.zeros(2, 1, UV, UV))
+    assert torch.equal(positions, scene.position_map)
+    assert torch.allclose(renderer.render(scene, normals), renderer.render(scene, scene.normal_map), atol=1e-6)

@@ -122,9 +122,17 @@ class DetailRenderer:
         return irradiance(flat, gamma).transpose(1, 2).reshape(batch, 3, height, width)
 
     def detailed_maps(self, scene: FaceBatchScene, displacement: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(detailed position map, detailed normal map) for a displacement map (B, 1, S, S)."""
+        """(detailed position map, detailed normal map) for a displacement map (B, 1, S, S).
+
+        The detailed normal is the coarse (smooth, interpolated) normal plus the change that the
+        displacement makes to the UV-grid surface's finite-difference normal, so a zero
+        displacement reproduces the coarse render exactly and only the details change shading.
+        """
+        valid = scene.uv_valid.bool()
         detailed = displace_position_map(scene.position_map, scene.normal_map, displacement * scene.uv_valid)
-        normals = normals_from_position_map(detailed, scene.uv_valid.bool(), scene.normal_map)
+        grid_coarse = normals_from_position_map(scene.position_map, valid, scene.normal_map)
+        grid_detailed = normals_from_position_map(detailed, valid, scene.normal_map)
+        normals = F.normalize(scene.normal_map + grid_detailed - grid_coarse, dim=1, eps=1e-8)
         return detailed, normals
 
     def render(self, scene: FaceBatchScene, normal_map: torch.Tensor) -> torch.Tensor:
