@@ -160,3 +160,20 @@ def test_zero_displacement_renders_exactly_the_coarse_face(face_model):
     positions, normals = renderer.detailed_maps(scene, torch.zeros(2, 1, UV, UV))
     assert torch.equal(positions, scene.position_map)
     assert torch.allclose(renderer.render(scene, normals), renderer.render(scene, scene.normal_map), atol=1e-6)
+
+
+def test_logged_image_grid_rows_show_the_batch_faces(face_model, tmp_path):
+    data = synthetic_faces(face_model, n=4)
+    g = torch.Generator().manual_seed(1)
+    background = torch.rand(4, 3, 224, 224, generator=g)
+    covered = (data.images.sum(1, keepdim=True) > 0).float()
+    data.images = covered * data.images + (1 - covered) * background  # each face its own background
+    grids = []
+    config = tiny_config(tmp_path, steps=2, image_log_every=1, batch_size=2)
+    DetailTrainer(face_model, None, config, UV, torch.device("cpu"), log_images=lambda name, image, step: grids.append(image)).fit(data)
+    assert len(grids) == 2
+    for grid in grids:
+        for row in range(2):
+            tile = grid[row * 224 : (row + 1) * 224]
+            photo, coarse = tile[:, :224].astype(int), tile[:, 224:448].astype(int)
+            assert abs(photo[:16, :16] - coarse[:16, :16]).max() <= 1  # outside the face both are the same photo

@@ -284,6 +284,7 @@ class DetailTrainer:
         weights["detail_regularization"] = weight_at(step, self.config["detail_regularization"])
         terms["total"] = sum(weights[name] * value for name, value in terms.items())
         extras = {
+            "images": real,
             "coarse": coarse,
             "detailed": detailed,
             "coarse_full": coarse_full.detach(),
@@ -382,7 +383,7 @@ class DetailTrainer:
             if step % log_every == 0 or step == steps - 1:
                 self.log_metrics(metrics, step)
             if step % image_every == 0 or step == steps - 1:
-                self.log_images("train_grid", self.image_grid(train.images[: len(self._last_extras["coarse"])], self._last_extras), step)
+                self.log_images("train_grid", self.image_grid(self._last_extras["images"], self._last_extras), step)
             if (step + 1) % checkpoint_every == 0 and step + 1 < steps:
                 self.save_checkpoint(step + 1)
         if validation is not None:
