@@ -1,0 +1,484 @@
+"""``facedetail`` command line: ``fit``, ``reconstruct`` and ``retarget`` on folders of photos.
+
+Examples::
+
+    facedetail fit ../shared/assets/faces/portraits out/fit
+    facedetail reconstruct ../shared/assets/faces/in_the_wild out/recon            # latest trained checkpoint
+    facedetail reconstruct photos/ out/ --model models:/facedetail-detail-generator/latest_trained
+    facedetail retarget source.jpg smile.jpg frown.jpg out/retarget --checkpoint model.pt
+
+Parameters come from the project's ``conf/`` (``--conf-source``, ``--env``) through Kedro's
+``OmegaConfigLoader`` with the project's settings, so a user's ``conf/local`` applies exactly as for
+``kedro run``; relative paths in them are taken from the project root (the folder holding ``conf/``).
+Exit status: 0 on success, 1 when nothing could be produced (no face in any image), 2 for bad input
+(missing folder, no images, missing checkpoint, bad configuration), with a one-line message on stderr.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import click
+
+logger = logging.getLogger("facedetail.cli")
+
+#: Default location of the trained checkpoint (the train pipeline's versioned ``detail_model`` dataset).
+DEFAULT_CHECKPOINT = "data/06_models/detail_generator.pt"
+DEFAULT_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+#: URI prefixes resolved through MLflow (anything else is a local path).
+MLFLOW_URI_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")
+#: Parameter paths (block, key) that name files/folders, resolved against the project root when relative.
+PATH_PARAMETERS = (
+    ("face_model", "ict_path"), ("face_model", "bfm_path"), ("face_model", "bfm_uv_path"),
+    ("weights", "bisenet"), ("weights", "deng_regressor"), ("weights", "facenet"), ("weights", "facenet_cache"),
+    ("estimation", "cache_dir"), ("inference", "output_dir"),
+)
+
+
+class CliError(Exception):
+    """A user-facing error: printed as one line, exit status ``code``."""
+
+    def __init__(self, message: str, code: int = 2) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+# ---------------------------------------------------------------------------------------------- configuration
+
+
+def find_project_root(start: str | os.PathLike | None = None) -> Path | None:
+    """The nearest folder (``start`` or a parent; default the working directory) holding ``conf/base``;
+    else the source checkout this package is installed from; else None."""
+    here = Path(start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / "conf" / "base").is_dir():
+            return folder
+    checkout = Path(__file__).resolve().parents[2]
+    return checkout if (checkout / "conf" / "base").is_dir() else None
+
+
+def _conf_source(conf_source: str | None) -> Path:
+    if conf_source:
+        path = Path(conf_source).expanduser().resolve()
+        if not (path / "base").is_dir():
+            raise CliError(f"--conf-source {conf_source}: no 'base' folder there (expected a Kedro conf/ folder with base/)")
+        return path
+    root = find_project_root()
+    if root is None:
+        raise CliError("cannot find the project's conf/ folder (run inside the facedetail project or pass --conf-source PATH)")
+    return root / "conf"
+
+
+def _resolve_paths(params: dict[str, Any], project_root: Path) -> dict[str, Any]:
+    """Make the file/folder parameters of :data:`PATH_PARAMETERS` absolute (relative = from the project root)."""
+    for block, key in PATH_PARAMETERS:
+        section = params.get(block)
+        if not isinstance(section, dict):
+            continue
+        value = section.get(key)
+        if isinstance(value, str) and value.strip() not in ("", "None", "null") and not Path(value).is_absolute():
+            section[key] = str((project_root / value).resolve())
+    return params
+
+
+def load_project_config(conf_source: str | None = None, env: str | None = None) -> tuple[dict[str, Any], dict[str, Any], Path]:
+    """``(parameters, mlflow config, project root)`` from the project's conf/ with the project's loader settings.
+
+    Raises:
+        CliError: no conf/ folder, an unknown environment or malformed YAML.
+    """
+    from kedro.config import OmegaConfigLoader  # kedro only here: the reconstruction modules stay Kedro-free
+
+    from facedetail.settings import CONFIG_LOADER_ARGS
+
+    source = _conf_source(conf_source)
+    if env and not (source / env).is_dir():
+        raise CliError(f"--env {env}: no folder {source / env} (environments are folders of {source})")
+    try:
+        loader = OmegaConfigLoader(conf_source=str(source), env=env, **CONFIG_LOADER_ARGS)
+        parameters = dict(loader["parameters"])
+        try:
+            mlflow_config = dict(loader["mlflow"])
+        except Exception:  # noqa: BLE001 - no mlflow.yml is fine
+            mlflow_config = {}
+    except CliError:
+        raise
+    except Exception as error:  # noqa: BLE001 - YAML/interpolation errors
+        raise CliError(f"cannot load the configuration from {source}: {type(error).__name__}: {error}") from error
+    root = source.parent
+    return _resolve_paths(parameters, root), mlflow_config, root
+
+
+def tracking_uri_from_config(mlflow_config: dict[str, Any], project_root: Path) -> str:
+    """MLflow tracking URI of ``mlflow.yml`` (default ``sqlite:///mlruns.db``), relative SQLite paths from the project root."""
+    uri = str((mlflow_config.get("server") or {}).get("mlflow_tracking_uri") or "sqlite:///mlruns.db")
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
+        uri = prefix + str((project_root / uri[len(prefix):]).resolve())
+    return uri
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+
+
+def list_images(folder: str | os.PathLike, extensions: Sequence[str] = DEFAULT_IMAGE_EXTENSIONS) -> tuple[list[Path], list[str]]:
+    """Image files of a folder (recursive, sorted) and their names (paths relative to it); a single file is accepted.
+
+    Raises:
+        CliError: the folder does not exist or holds no file with an image extension.
+    """
+    root = Path(folder)
+    wanted = tuple(e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions)
+    if root.is_file():
+        return [root], [root.name]
+    if not root.is_dir():
+        raise CliError(f"image folder not found: {root}")
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in wanted)
+    if not files:
+        raise CliError(f"no images in {root} (looked for files ending in {', '.join(wanted)})")
+    return files, [p.relative_to(root).as_posix() for p in files]
+
+
+def resolve_checkpoint(model_uri_or_path: str | None, project_root: str | os.PathLike | None = None,
+                       tracking_uri: str | None = None) -> Path:
+    """Find the checkpoint file to load.
+
+    Args:
+        model_uri_or_path: None (the latest version of ``data/06_models/detail_generator.pt`` under the project
+            root), a file / Kedro versioned folder, or an MLflow URI (``models:/<name>/<version-or-alias>``,
+            ``runs:/<run>/<path>``): the registered pyfunc's artifact ``checkpoint`` is downloaded.
+        project_root: folder the default and relative paths are taken from (default: working directory).
+        tracking_uri: MLflow tracking/registry URI for model URIs.
+
+    Raises:
+        CliError: nothing found (message says where it looked and what to do).
+    """
+    from facedetail.reconstruct import latest_versioned_file
+    from facedetail.training.checkpoint import CheckpointError
+
+    root = Path(project_root) if project_root is not None else Path.cwd()
+    if model_uri_or_path and model_uri_or_path.startswith(MLFLOW_URI_SCHEMES):
+        return _download_mlflow_checkpoint(model_uri_or_path, tracking_uri)
+    path = Path(model_uri_or_path) if model_uri_or_path else root / DEFAULT_CHECKPOINT
+    if not path.is_absolute() and not path.exists() and (root / path).exists():
+        path = root / path
+    try:
+        return latest_versioned_file(path)
+    except CheckpointError as error:
+        hint = "" if model_uri_or_path else " (no trained model yet: run `kedro run --pipelines=train`, or pass --checkpoint/--model)"
+        raise CliError(f"{error}{hint}") from error
+
+
+def _checkpoint_artifact_path(mlmodel_file: Path, model_uri: str) -> str:
+    """Relative path of the ``checkpoint`` artifact recorded in a pyfunc model's MLmodel file."""
+    import yaml
+
+    spec = yaml.safe_load(mlmodel_file.read_text()) or {}
+    artifacts = (spec.get("flavors", {}).get("python_function", {}) or {}).get("artifacts", {}) or {}
+    if "checkpoint" not in artifacts:
+        raise CliError(f"{model_uri} has no artifact named 'checkpoint' (artifacts: {sorted(artifacts)}); is it a facedetail model?")
+    return str(artifacts["checkpoint"]["path"])
+
+
+def _download_mlflow_checkpoint(model_uri: str, tracking_uri: str | None) -> Path:
+    """Download the ``checkpoint`` artifact of a registered pyfunc model (its MLmodel names the file).
+
+    Registered URIs (``models:/<name>/<version>``, ``models:/<name>@<alias>``) fetch only MLmodel and the checkpoint;
+    other URIs (``models:/m-<logged model id>``, ``runs:/...``) download the whole model folder.
+    """
+    import tempfile
+
+    import mlflow
+
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+        mlflow.set_registry_uri(tracking_uri)
+    uri = model_uri.rstrip("/")
+    target = Path(tempfile.mkdtemp(prefix="facedetail_model_"))
+    try:
+        try:
+            mlmodel = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{uri}/MLmodel", dst_path=str(target / "meta")))
+            relative = _checkpoint_artifact_path(mlmodel, model_uri)
+            return Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{uri}/{relative}", dst_path=str(target)))
+        except CliError:
+            raise
+        except Exception:  # noqa: BLE001 - URI forms without sub-paths: fetch the whole model
+            folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(target / "model")))
+            return folder / _checkpoint_artifact_path(folder / "MLmodel", model_uri)
+    except CliError:
+        raise
+    except Exception as error:  # noqa: BLE001 - registry/network/missing model errors
+        raise CliError(f"cannot load the checkpoint of {model_uri} from MLflow ({tracking_uri or mlflow.get_tracking_uri()}): "
+                       f"{type(error).__name__}: {error}") from error
+
+
+# ---------------------------------------------------------------------------------------------- commands
+
+
+def _write_report(rows: list[dict[str, Any]], path: Path) -> Path:
+    import pandas as pd
+
+    from facedetail.reconstruct import REPORT_COLUMNS
+
+    frame = pd.DataFrame(rows)
+    columns = REPORT_COLUMNS + [c for c in frame.columns if c not in REPORT_COLUMNS]
+    frame.reindex(columns=columns).to_csv(path, index=False)
+    return path
+
+
+def _setup(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any], Path]:
+    params, mlflow_config, root = load_project_config(args.conf_source, args.env)
+    if args.device:
+        params["device"] = args.device
+    if getattr(args, "no_cache", False):
+        params.setdefault("estimation", {})["cache"] = False
+    if getattr(args, "export_size", None):
+        if args.export_size < 8:
+            raise CliError(f"--export-size must be >= 8 texels, got {args.export_size}")
+        params["inference"] = {**(params.get("inference") or {}), "export_size": int(args.export_size)}
+    return params, mlflow_config, root
+
+
+def _extensions(params: dict[str, Any]) -> list[str]:
+    return list(params.get("data_prep", {}).get("image_extensions", DEFAULT_IMAGE_EXTENSIONS))
+
+
+def _out_dir(path: str) -> Path:
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise CliError(f"OUT_DIR {out} exists and is not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def command_fit(args: argparse.Namespace) -> int:
+    """``facedetail fit IMAGE_DIR OUT_DIR``: landmarks, mask source and coefficients per face (JSON + overlay)."""
+    from tqdm.auto import tqdm
+
+    from facedetail.reconstruct import FaceFitter, export_fit, face_stems, torch_threads
+
+    params, _, _ = _setup(args)
+    files, names = list_images(args.image_dir, _extensions(params))
+    out = _out_dir(args.out_dir)
+    fitter = FaceFitter.from_params(params, params.get("device", "auto"))
+    stems = face_stems(names)
+    rows: list[dict[str, Any]] = []
+    faces_written = 0
+    try:
+        with tqdm(total=len(files), desc="fit", unit="image") as bar:
+            for start in range(0, len(files), args.chunk_size):
+                part = slice(start, start + args.chunk_size)
+                with torch_threads((params.get("inference") or {}).get("cpu_threads")):
+                    faces = fitter.fit_images(files[part], names[part], stems=stems[part], progress=False)
+                for face in faces:
+                    export_fit(face, out, fitter.face_model)
+                faces_written += len(faces)
+                rows.extend(fitter.last_report)
+                bar.update(len(files[part]))
+    finally:
+        fitter.close()
+    report = _write_report(rows, out / "fit_report.csv")
+    skipped = sorted({row["image"] for row in rows if row["status"] != "ok"})
+    print(f"fit: {faces_written} face(s) from {len(files)} image(s) -> {out}; {len(skipped)} image(s) with problems (see {report})")
+    if faces_written == 0:
+        raise CliError(f"no face could be fitted in {args.image_dir} (reasons in {report})", code=1)
+    return 0
+
+
+def _reconstructor(args: argparse.Namespace, params: dict[str, Any], mlflow_config: dict[str, Any], root: Path):
+    from facedetail.reconstruct import Reconstructor
+    from facedetail.training.checkpoint import CheckpointError
+
+    if args.model and args.checkpoint:
+        raise CliError("pass either --model or --checkpoint, not both")
+    checkpoint = resolve_checkpoint(args.model or args.checkpoint, root, tracking_uri_from_config(mlflow_config, root))
+    try:
+        return Reconstructor.from_params(checkpoint, params, params.get("device", "auto"))
+    except CheckpointError as error:
+        raise CliError(str(error)) from error
+
+
+def command_reconstruct(args: argparse.Namespace) -> int:
+    """``facedetail reconstruct IMAGE_DIR OUT_DIR``: meshes, maps, coefficients, strips and JSON per face."""
+    from facedetail.reconstruct import export_face
+
+    params, mlflow_config, root = _setup(args)
+    files, names = list_images(args.image_dir, _extensions(params))
+    out = _out_dir(args.out_dir)
+    faces_written = 0
+    with _reconstructor(args, params, mlflow_config, root) as reconstructor:
+        rows_by_face: dict[str, dict[str, Any]] = {}
+        for rec in reconstructor.iter_reconstructions(files, names, chunk_size=args.chunk_size):
+            written = export_face(rec, out, reconstructor.face_model)
+            rows_by_face[rec.face_id] = {name: Path(path).name for name, path in written.items()}
+            faces_written += 1
+        rows = [{**row, **rows_by_face.get(row["face_id"], {})} for row in reconstructor.last_report]
+    report = _write_report(rows, out / "reconstruct_report.csv")
+    skipped = sorted({row["image"] for row in rows if row["status"] != "ok"})
+    print(f"reconstruct: {faces_written} face(s) from {len(files)} image(s) -> {out}; "
+          f"{len(skipped)} image(s) with problems (see {report})")
+    if faces_written == 0:
+        raise CliError(f"no face could be reconstructed in {args.image_dir} (reasons in {report})", code=1)
+    return 0
+
+
+def _pad_to_width(rows: list[Any], width: int) -> list[Any]:
+    import numpy as np
+
+    return [np.pad(row, ((0, 0), (0, width - row.shape[1]), (0, 0))) for row in rows]
+
+
+def command_retarget(args: argparse.Namespace) -> int:
+    """``facedetail retarget SOURCE EXPRESSION... OUT_DIR``: the source face with each photo's expression."""
+    import numpy as np
+    import pandas as pd
+
+    from facedetail.io.export import make_strip, write_gif
+    from facedetail.io.images import save_png
+    from facedetail.reconstruct import displacement_to_rgb, export_face, torch_threads
+
+    if len(args.paths) < 3:
+        raise CliError("retarget needs SOURCE_IMAGE, at least one EXPRESSION_IMAGE (or folder) and OUT_DIR")
+    source_path, expression_args, out_arg = Path(args.paths[0]), args.paths[1:-1], args.paths[-1]
+    params, mlflow_config, root = _setup(args)
+    if not source_path.is_file():
+        raise CliError(f"source image not found: {source_path}")
+    expression_files: list[Path] = []
+    for item in expression_args:
+        files, _ = list_images(item, _extensions(params))
+        expression_files.extend(files)
+    out = _out_dir(out_arg)
+    with _reconstructor(args, params, mlflow_config, root) as reconstructor:
+        sources = reconstructor.reconstruct_images([source_path], [source_path.name])
+        if not sources:
+            reason = "; ".join(row["reason"] for row in reconstructor.last_report) or "no face"
+            raise CliError(f"no face reconstructed in the source image {source_path}: {reason}", code=1)
+        if args.source_face >= len(sources):
+            raise CliError(f"--source-face {args.source_face}: the source image has {len(sources)} face(s)")
+        source = sources[args.source_face]
+        names = [p.name for p in expression_files]
+        with torch_threads(reconstructor.cpu_threads):
+            fitted = reconstructor.fitter.fit_images(expression_files, names)
+        report = list(reconstructor.fitter.last_report)
+        targets = [face for face in fitted if face.face_index == 0]  # the first (leftmost) face of each photo
+        if not targets:
+            raise CliError("no face found in any expression image: " + "; ".join(f"{r['image']}: {r['reason']}" for r in report),
+                           code=1)
+        results = reconstructor.retarget(source, targets)
+        export_face(source, out, reconstructor.face_model)
+        scale = max(float(np.abs(r["displacement"]).max()) for r in results)
+        scale = max(scale, float(np.abs(source.displacement).max()), 1e-9)
+        summary, strip_rows = [], []
+        header = make_strip([source.aligned, source.renders["detailed"], displacement_to_rgb(source.displacement, scale, 224)],
+                            ["source photo", "source detailed render", "source displacement"], height=224)
+        strip_rows.append(header)
+        for result in results:
+            rec = result["reconstruction"]
+            written = export_face(rec, out, reconstructor.face_model)
+            strip_rows.append(make_strip(
+                [result["target_aligned"], result["renders"]["detailed"], displacement_to_rgb(result["displacement"], scale, 224)],
+                [f"target {result['target_image']}", "detailed, source identity", "displacement"], height=224))
+            difference = np.abs(result["displacement"] - source.displacement)[source.uv_valid]
+            summary.append({"target_image": result["target_image"], "target_face_id": result["target_face_id"],
+                            "face_id": rec.face_id, "mean_abs_displacement": float(np.abs(result["displacement"]).mean()),
+                            "mean_abs_difference_from_source": float(difference.mean()),
+                            "obj": Path(written["detail_obj"]).name, "displacement_png": Path(written["displacement_png"]).name})
+        width = max(row.shape[1] for row in strip_rows)
+        save_png(np.concatenate(_pad_to_width(strip_rows, width), axis=0), out / "retarget_strip.png")
+        frames: list[Any] = []
+        chain = [source, *targets]
+        for index, (start_face, end_face) in enumerate(zip(chain[:-1], chain[1:])):
+            segment = reconstructor.expression_sweep(source, end_face, args.frames, start=start_face, displacement_scale=scale)
+            frames.extend(segment if index == 0 else segment[1:])  # a segment starts where the previous one ended
+        write_gif(out / "expression_sweep.gif", frames, fps=args.fps)
+    pd.DataFrame(summary).to_csv(out / "retarget_summary.csv", index=False)
+    _write_report(report, out / "retarget_report.csv")
+    print(f"retarget: {source.face_id} with {len(results)} expression(s) -> {out} "
+          f"(retarget_strip.png, expression_sweep.gif, {len(frames)} frames)")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="facedetail", description="Detailed 3D face reconstruction from photos.")
+    sub = parser.add_subparsers(dest="command", metavar="{fit,reconstruct,retarget}")
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--conf-source", default=None, help="Kedro conf/ folder (default: the project's conf/)")
+        p.add_argument("--env", default=None, help="configuration environment over base (default: local)")
+        p.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N (default: parameters' device)")
+        p.add_argument("--no-cache", action="store_true", help="do not read/write the per-face estimation cache")
+        p.add_argument("--chunk-size", type=int, default=8, help="images detected/estimated together (memory bound)")
+
+    def model_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--export-size", type=int, default=None,
+                       help="UV side of the exported maps and dense mesh (default: inference.export_size, 256)")
+        group = p.add_mutually_exclusive_group()
+        group.add_argument("--model", default=None, help="MLflow model URI, e.g. models:/facedetail-detail-generator/1")
+        group.add_argument("--checkpoint", default=None,
+                           help=f"checkpoint file or Kedro versioned folder (default: latest {DEFAULT_CHECKPOINT})")
+
+    fit = sub.add_parser("fit", help="landmarks, masks and 3DMM coefficients per face (JSON + overlay)")
+    fit.add_argument("image_dir", help="folder of photos (searched recursively) or one photo")
+    fit.add_argument("out_dir")
+    common(fit)
+    fit.set_defaults(handler=command_fit)
+
+    recon = sub.add_parser("reconstruct", help="detailed meshes, displacement/normal maps, renders per face")
+    recon.add_argument("image_dir", help="folder of photos (searched recursively) or one photo")
+    recon.add_argument("out_dir")
+    model_options(recon)
+    common(recon)
+    recon.set_defaults(handler=command_reconstruct)
+
+    retarget = sub.add_parser("retarget", help="give a source face the expressions of other photos (riggable details)")
+    retarget.add_argument("paths", nargs="+", metavar="PATH", help="SOURCE_IMAGE EXPRESSION_IMAGES... OUT_DIR")
+    retarget.add_argument("--source-face", type=int, default=0, help="which face of the source photo (left to right)")
+    retarget.add_argument("--frames", type=int, default=12, help="frames per expression in expression_sweep.gif")
+    retarget.add_argument("--fps", type=float, default=12.0)
+    model_options(retarget)
+    common(retarget)
+    retarget.set_defaults(handler=command_retarget)
+    return parser
+
+
+@click.group(name="facedetail")
+def cli() -> None:
+    """Project commands for the ``kedro`` CLI (none).
+
+    Kedro imports ``<package>.cli`` on every ``kedro`` command and refuses to start when it has no ``cli`` click
+    group; the user-facing commands are the ``facedetail`` console script (:func:`main`), not ``kedro`` ones.
+    """
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``facedetail`` console script; returns the exit status."""
+    os.environ.setdefault("GLOG_minloglevel", "2")  # MediaPipe's C++ logging
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "handler", None) is None:
+        parser.print_help(sys.stderr)
+        return 2
+    if getattr(args, "chunk_size", 1) < 1:
+        print("facedetail: error: --chunk-size must be >= 1", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.handler(args) or 0)
+    except CliError as error:
+        print(f"facedetail {args.command}: error: {error}", file=sys.stderr)
+        return error.code
+    except FileNotFoundError as error:
+        print(f"facedetail {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

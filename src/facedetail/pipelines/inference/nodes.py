@@ -1,0 +1,74 @@
+"""Nodes of the inference pipeline (thin wiring around :mod:`facedetail.reconstruct`)."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Callable
+
+import pandas as pd
+
+from facedetail.reconstruct import REPORT_COLUMNS, Reconstructor, export_face
+
+logger = logging.getLogger(__name__)
+
+#: Columns of ``inference_report``: the status columns, then the written files (empty when not ok).
+FILE_COLUMNS = ["json", "coarse_obj", "detail_obj", "texture", "displacement_png", "normals_png", "coefficients_npz", "strip_png"]
+
+
+def select_images(partitions: dict[str, Callable[[], bytes]], extensions: list[str]) -> dict[str, Callable[[], bytes]]:
+    """Partitions whose name ends with an image extension (any case), sorted by id.
+
+    Raises:
+        ValueError: none does (an empty or wrong folder is an error, not a silent no-op).
+    """
+    wanted = tuple(e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions)
+    selected = {pid: partitions[pid] for pid in sorted(partitions) if pid.lower().endswith(wanted)}
+    if not selected:
+        raise ValueError(
+            f"inference found no images ({len(partitions)} file(s), none ending in {', '.join(wanted)}); put photos in "
+            "data/01_raw/faces or point FACEDETAIL_INFERENCE_IMAGES at a folder of images"
+        )
+    return selected
+
+
+def reconstruct_and_export(
+    inference_images: dict[str, Callable[[], bytes]],
+    detail_model: dict[str, Any],
+    inference_params: dict[str, Any],
+    face_model_params: dict[str, Any],
+    weights_params: dict[str, Any],
+    data_prep_params: dict[str, Any],
+    estimation_params: dict[str, Any],
+    uv_params: dict[str, Any],
+    device: str,
+) -> pd.DataFrame:
+    """Reconstruct every face of every image and write its exports under ``inference.output_dir``.
+
+    Returns:
+        ``inference_report``: one row per face (status ``ok`` + the written files) and one per image that gave
+        no face (status, reason).
+    """
+    images = select_images(inference_images, list(data_prep_params["image_extensions"]))
+    params = {
+        "face_model": face_model_params, "weights": weights_params, "data_prep": data_prep_params,
+        "estimation": estimation_params, "uv_maps": uv_params, "inference": inference_params, "device": device,
+    }
+    out_dir = Path(inference_params["output_dir"])
+    files: dict[str, dict[str, str]] = {}
+    with Reconstructor.from_params(detail_model, params, device) as reconstructor:
+        for rec in reconstructor.iter_reconstructions(list(images.values()), list(images),
+                                                      chunk_size=int(inference_params.get("chunk_size", 8))):
+            files[rec.face_id] = export_face(rec, out_dir, reconstructor.face_model)
+        rows = [{**row, **{k: files.get(row["face_id"], {}).get(k, "") for k in FILE_COLUMNS}} for row in reconstructor.last_report]
+    report = pd.DataFrame(rows, columns=REPORT_COLUMNS + FILE_COLUMNS)
+    logger.info("inference: %d face(s) from %d image(s) written to %s", len(files), len(images), out_dir)
+    return report
+
+
+def summarise_inference(inference_report: pd.DataFrame) -> dict[str, dict[str, float]]:
+    """Counts for MLflow (``MlflowMetricsHistoryDataset`` format): images, faces and rows per status."""
+    counts = {"images": float(inference_report["image"].nunique()), "faces": float((inference_report["status"] == "ok").sum())}
+    for status, number in inference_report["status"].value_counts().items():
+        if status != "ok":
+            counts[f"rows_{status}"] = float(number)
+    return {name: {"value": value, "step": 0} for name, value in counts.items()}

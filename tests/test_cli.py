@@ -1,0 +1,261 @@
+"""Tests of the ``facedetail`` command line (fit, reconstruct, retarget) and checkpoint resolution.
+
+The commands run in-process through :func:`facedetail.cli.main` on real photos (symlinked from
+../shared/assets into tmp folders) with a tiny, seeded, freshly initialised detail generator.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from facedetail.cli import CliError, list_images, main, resolve_checkpoint, tracking_uri_from_config
+from facedetail.models.detail_model import DetailGenerator
+
+PROJECT = Path(__file__).resolve().parents[1]
+CONF = str(PROJECT / "conf")
+FACES = PROJECT.parent / "shared" / "assets" / "faces"
+OBAMA = FACES / "portraits" / "obama.jpg"
+TWO_PEOPLE = FACES / "portraits" / "two_people.jpg"
+EXPRESSIONS = FACES / "expressions_one_person"
+ICT = PROJECT.parent / "shared" / "assets" / "ict_facekit" / "ict_face_only_9409.npz"
+COMMON = ["--conf-source", CONF, "--device", "cpu", "--no-cache"]
+
+needs_assets = pytest.mark.skipif(
+    not (OBAMA.is_file() and TWO_PEOPLE.is_file()),
+    reason=f"needs ../shared/assets/faces/portraits ({OBAMA.name}, {TWO_PEOPLE.name}); not present on this machine",
+)
+
+
+def write_tiny_checkpoint(path: Path, uv_size: int = 32, step: int = 3) -> Path:
+    """A checkpoint file in the train pipeline's format (seeded fresh generator)."""
+    torch.manual_seed(0)
+    generator = DetailGenerator.from_config({"ngf": 8, "num_downs": 3, "embedding_channels": 4, "regions": 2, "filter_hidden": 8})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"generator": generator.state_dict(), "model_config": generator.config, "uv_size": uv_size,
+                "face_model_kind": "ict", "step": step, "albedo_blur_sigma": 2.0}, path)
+    return path
+
+
+def photo_folder(folder: Path, *photos: Path) -> Path:
+    """A folder of symlinks to asset photos (assets are never copied)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for photo in photos:
+        (folder / photo.name).symlink_to(photo)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("model") / "tiny.pt")
+
+
+@pytest.fixture(scope="module")
+def fast(tmp_path_factory) -> list[str]:
+    """CLI options using a user environment ``fast`` over the project's conf/base (shorter fits, absolute model path).
+
+    Also checks that a user's conf applies: the environment's values are what the commands use.
+    """
+    conf = tmp_path_factory.mktemp("project") / "conf"
+    conf.mkdir()
+    (conf / "base").symlink_to(PROJECT / "conf" / "base")
+    (conf / "fast").mkdir()
+    (conf / "fast" / "parameters_fast.yml").write_text(
+        f"face_model:\n  ict_path: {ICT}\n"
+        "estimation:\n  fitting:\n    rigid_steps: 30\n    landmark_steps: 80\n    photometric_steps: 15\n"
+        "inference:\n  cpu_threads: 1\n"
+    )
+    return ["--conf-source", str(conf), "--env", "fast", "--device", "cpu", "--no-cache"]
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+
+def test_missing_folder_gives_exit_2_and_names_it(tmp_path, capsys):
+    missing = tmp_path / "nowhere"
+    assert main(["fit", str(missing), str(tmp_path / "out"), *COMMON]) == 2
+    err = capsys.readouterr().err
+    assert "image folder not found" in err and str(missing) in err
+
+
+def test_folder_without_images_gives_exit_2(tmp_path, capsys):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "notes.txt").write_text("no photos here")
+    assert main(["reconstruct", str(tmp_path / "in"), str(tmp_path / "out"), *COMMON]) == 2
+    assert "no images in" in capsys.readouterr().err
+
+
+@needs_assets
+def test_missing_checkpoint_gives_exit_2(tmp_path, capsys):
+    folder = photo_folder(tmp_path / "in", OBAMA)
+    code = main(["reconstruct", str(folder), str(tmp_path / "out"), "--checkpoint", str(tmp_path / "none.pt"), *COMMON])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "checkpoint not found" in err and "none.pt" in err
+
+
+def test_bad_conf_source_and_env(tmp_path, capsys):
+    assert main(["fit", str(tmp_path), str(tmp_path / "out"), "--conf-source", str(tmp_path)]) == 2
+    assert "no 'base' folder" in capsys.readouterr().err
+    assert main(["fit", str(tmp_path), str(tmp_path / "out"), "--conf-source", CONF, "--env", "nope"]) == 2
+    assert "--env nope" in capsys.readouterr().err
+
+
+def test_model_and_checkpoint_are_exclusive(tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["reconstruct", str(tmp_path), str(tmp_path / "out"), "--model", "models:/x/1", "--checkpoint", "a.pt"])
+    assert exit_info.value.code == 2
+
+
+def test_no_command_prints_help(capsys):
+    assert main([]) == 2
+    assert "fit" in capsys.readouterr().err
+
+
+def test_list_images_is_recursive_and_sorted(tmp_path):
+    (tmp_path / "b").mkdir()
+    for name in ("b/2.JPG", "1.png", "skip.txt"):
+        (tmp_path / name).write_bytes(b"x")
+    files, names = list_images(tmp_path)
+    assert names == ["1.png", "b/2.JPG"] and files[0] == tmp_path / "1.png"
+    assert list_images(tmp_path / "1.png")[1] == ["1.png"]  # one file is accepted too
+
+
+def test_console_script_and_kedro_project_cli():
+    script = Path(sys.executable).parent / "facedetail"
+    if not script.exists():
+        pytest.skip(f"console script {script} not installed (pip install -e . --no-deps)")
+    result = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "reconstruct" in result.stdout
+    # kedro imports facedetail.cli for project commands and needs its `cli` click group
+    from kedro.framework.cli.cli import KedroCLI
+
+    groups = KedroCLI(project_path=PROJECT).project_groups
+    assert any(getattr(group, "name", "") == "facedetail" for group in groups)
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+
+def test_resolve_checkpoint_local_paths(tmp_path, monkeypatch):
+    file = write_tiny_checkpoint(tmp_path / "a.pt")
+    assert resolve_checkpoint(str(file)) == file
+    versioned = tmp_path / "data" / "06_models" / "detail_generator.pt"
+    for version in ("2026-01-01T00.00.00.000Z", "2026-03-01T00.00.00.000Z"):
+        write_tiny_checkpoint(versioned / version / "detail_generator.pt")
+    latest = versioned / "2026-03-01T00.00.00.000Z" / "detail_generator.pt"
+    assert resolve_checkpoint(None, project_root=tmp_path) == latest  # the train pipeline's default location
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # relative paths: the working directory first, then the project root
+    assert resolve_checkpoint("data/06_models/detail_generator.pt", project_root=tmp_path) == latest
+    with pytest.raises(CliError, match="kedro run --pipelines=train"):
+        resolve_checkpoint(None, project_root=tmp_path / "empty")
+
+
+def test_tracking_uri_is_taken_from_the_project_root(tmp_path):
+    assert tracking_uri_from_config({}, tmp_path) == f"sqlite:///{tmp_path / 'mlruns.db'}"
+    config = {"server": {"mlflow_tracking_uri": "sqlite:////abs/x.db"}}
+    assert tracking_uri_from_config(config, tmp_path) == "sqlite:////abs/x.db"
+
+
+def test_resolve_checkpoint_from_the_mlflow_registry(tmp_path, monkeypatch):
+    mlflow = pytest.importorskip("mlflow")
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'registry.db'}"
+    mlflow.set_tracking_uri(uri)
+    checkpoint_file = write_tiny_checkpoint(tmp_path / "detail_generator.pt", step=11)
+
+    class Echo(mlflow.pyfunc.PythonModel):
+        def predict(self, context, model_input, params=None):
+            return model_input
+
+    try:
+        mlflow.set_experiment("cli-test")
+        with mlflow.start_run():
+            info = mlflow.pyfunc.log_model(name="detail_model", python_model=Echo(), artifacts={"checkpoint": str(checkpoint_file)},
+                                           registered_model_name="facedetail-test", pip_requirements=["torch"])
+        mlflow.MlflowClient().set_registered_model_alias("facedetail-test", "champion", "1")
+        for model_uri in ("models:/facedetail-test/1", "models:/facedetail-test@champion", "models:/facedetail-test/latest",
+                          info.model_uri):
+            path = resolve_checkpoint(model_uri, tracking_uri=uri)
+            assert torch.load(path, weights_only=True)["step"] == 11, model_uri
+        with pytest.raises(CliError, match="facedetail-missing"):
+            resolve_checkpoint("models:/facedetail-missing/1", tracking_uri=uri)
+    finally:
+        mlflow.set_tracking_uri(None)
+
+
+# ---------------------------------------------------------------------------------------------- commands
+
+
+@needs_assets
+def test_fit_writes_one_json_per_face_and_a_report(tmp_path, capsys, fast):
+    folder = photo_folder(tmp_path / "in", OBAMA, TWO_PEOPLE)
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff truncated")
+    out = tmp_path / "out"
+    assert main(["fit", str(folder), str(out), *fast]) == 0
+    assert "3 face(s) from 3 image(s)" in capsys.readouterr().out
+    for face_id in ("obama__f0", "two_people__f0", "two_people__f1"):
+        data = json.loads((out / f"{face_id}.json").read_text())
+        assert data["face_id"] == face_id and np.asarray(data["landmarks68"]).shape == (68, 2)
+        assert set(data["coefficients"]) == {"id", "exp", "tex", "angles", "gamma", "trans"} and data["mask_source"]
+        assert (out / f"{face_id}_overlay.png").is_file()
+    # landmarks are in ORIGINAL pixels: the two faces of two_people lie in different halves of the photo
+    left = np.asarray(json.loads((out / "two_people__f0.json").read_text())["landmarks68"])
+    right = np.asarray(json.loads((out / "two_people__f1.json").read_text())["landmarks68"])
+    assert left[:, 0].max() < right[:, 0].min()
+    report = pd.read_csv(out / "fit_report.csv")
+    broken = report[report["image"] == "broken.jpg"].iloc[0]
+    assert broken["status"] == "unreadable" and "broken.jpg" in broken["reason"]
+
+
+def test_fit_without_any_face_gives_exit_1(tmp_path, capsys):
+    from PIL import Image
+
+    (tmp_path / "in").mkdir()
+    Image.fromarray(np.full((200, 200, 3), 90, np.uint8)).save(tmp_path / "in" / "grey.png")
+    assert main(["fit", str(tmp_path / "in"), str(tmp_path / "out"), *COMMON]) == 1
+    assert "no face could be fitted" in capsys.readouterr().err
+    assert pd.read_csv(tmp_path / "out" / "fit_report.csv")["status"].tolist() == ["no_face"]
+
+
+@needs_assets
+def test_reconstruct_writes_the_exports(tmp_path, checkpoint, capsys, fast):
+    folder = photo_folder(tmp_path / "in", OBAMA)
+    out = tmp_path / "out"
+    assert main(["reconstruct", str(folder), str(out), "--checkpoint", str(checkpoint), "--export-size", "128", *fast]) == 0
+    for suffix in ("_coarse.obj", "_coarse.mtl", "_texture.png", "_detail.obj", "_displacement.png",
+                   "_displacement.png.json", "_normals.png", "_coefficients.npz", "_strip.png", ".json"):
+        assert (out / f"obama__f0{suffix}").is_file(), suffix
+    report = pd.read_csv(out / "reconstruct_report.csv")
+    assert report["status"].tolist() == ["ok"] and report["detail_obj"].tolist() == ["obama__f0_detail.obj"]
+
+
+@needs_assets
+def test_retarget_writes_meshes_strip_and_gif(tmp_path, checkpoint, capsys, fast):
+    targets = [EXPRESSIONS / "3.jpg", EXPRESSIONS / "5.jpg"]
+    if not all(t.is_file() for t in targets):
+        pytest.skip(f"needs {EXPRESSIONS}")
+    out = tmp_path / "out"
+    code = main(["retarget", str(OBAMA), *map(str, targets), str(out), "--checkpoint", str(checkpoint), "--frames", "2",
+                 "--export-size", "64", *fast])
+    assert code == 0, capsys.readouterr().err
+    summary = pd.read_csv(out / "retarget_summary.csv")
+    assert summary["target_image"].tolist() == ["3.jpg", "5.jpg"]
+    for face_id in summary["face_id"]:
+        assert face_id.startswith("obama__f0__as__")
+        assert (out / f"{face_id}_detail.obj").is_file() and (out / f"{face_id}_displacement.png").is_file()
+    import imageio.v3 as iio
+
+    gif = iio.imread(out / "expression_sweep.gif")
+    assert gif.shape[0] == 3 and gif.shape[1:3] == (224, 672)  # source -> 3.jpg -> 5.jpg, 2 frames per segment
+    strip = iio.imread(out / "retarget_strip.png")
+    assert strip.shape[0] > 3 * 224  # source row + one row per target
+    assert main(["retarget", str(OBAMA), str(out), *COMMON]) == 2  # no expression image
+    assert "at least one EXPRESSION_IMAGE" in capsys.readouterr().err
