@@ -278,7 +278,7 @@ def kedro_run(tmp_path_factory):
             session.run(pipeline_names=["data_prep"])
         yield project, tracking_uri
     finally:
-        if mlflow.active_run() is not None:
+        while mlflow.active_run() is not None:  # kedro-mlflow may leave the session's run active in-process
             mlflow.end_run()
         patch.undo()
 

@@ -63,11 +63,13 @@ def trained(tmp_path_factory):
         "FACEDETAIL_DEVICE": "cpu",
     }.items():
         patch.setenv(key, value)
+    while mlflow.active_run() is not None:  # kedro-mlflow can leave an earlier in-process session's run active
+        mlflow.end_run()
     try:
         first = _run(project, "train")
         yield project, tracking_uri, first
     finally:
-        if mlflow.active_run() is not None:
+        while mlflow.active_run() is not None:
             mlflow.end_run()
         patch.undo()
 
