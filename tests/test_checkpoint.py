@@ -34,7 +34,9 @@ def test_failed_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(torch, "save", disk_full)
+    import facedetail.utils
+
+    monkeypatch.setattr(facedetail.utils.os, "fsync", disk_full)  # fails after the temp file was written
     with pytest.raises(OSError):
         atomic_torch_save({"generator": {"w": torch.zeros(2)}, "model_config": {}}, path)
     monkeypatch.undo()

@@ -11,13 +11,12 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 
-from facedetail.utils import settings_hash
+from facedetail.utils import atomic_write_bytes, settings_hash
 
 
 class FaceCache:
@@ -61,14 +60,6 @@ class FaceCache:
         """Store a face's arrays atomically (temporary file + rename)."""
         if not self.enabled:
             return
-        self.root.mkdir(parents=True, exist_ok=True)
         buffer = io.BytesIO()
         np.savez_compressed(buffer, **{k: np.asarray(v) for k, v in arrays.items()})
-        fd, tmp = tempfile.mkstemp(dir=self.root, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(buffer.getvalue())
-            os.replace(tmp, self.path(face_sha256))
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write_bytes(self.path(face_sha256), buffer.getvalue())

@@ -24,7 +24,59 @@ from kedro.io.core import (
 )
 
 
-class NpzBundleDataset(AbstractVersionedDataset[dict, dict]):
+class _VersionedFileDataset(AbstractVersionedDataset[dict, dict]):
+    """A versioned single file on any fsspec filesystem, read and written as bytes."""
+
+    def __init__(
+        self,
+        *,
+        filepath: str,
+        version: Version | None = None,
+        fs_args: dict[str, Any] | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> None:
+        protocol, path = get_protocol_and_path(filepath, version)
+        self._protocol = protocol
+        self._fs = fsspec.filesystem(protocol, **(fs_args or {}))
+        self.metadata = metadata
+        super().__init__(
+            filepath=PurePosixPath(path),
+            version=version,
+            exists_function=self._fs.exists,
+            glob_function=self._fs.glob,
+        )
+
+    def _read_bytes(self) -> bytes:
+        path = get_filepath_str(self._get_load_path(), self._protocol)
+        with self._fs.open(path, "rb") as handle:
+            return handle.read()
+
+    def _write_bytes(self, data: bytes) -> None:
+        path = get_filepath_str(self._get_save_path(), self._protocol)
+        self._fs.makedirs(str(PurePosixPath(path).parent), exist_ok=True)
+        with self._fs.open(path, "wb") as handle:
+            handle.write(data)
+        self._invalidate_cache()
+
+    def _describe(self) -> dict[str, Any]:
+        return {"filepath": self._filepath, "protocol": self._protocol, "version": self._version}
+
+    def _exists(self) -> bool:
+        try:
+            path = get_filepath_str(self._get_load_path(), self._protocol)
+        except DatasetError:
+            return False
+        return self._fs.exists(path)
+
+    def _release(self) -> None:
+        super()._release()
+        self._invalidate_cache()
+
+    def _invalidate_cache(self) -> None:
+        self._fs.invalidate_cache(get_filepath_str(self._filepath, self._protocol))
+
+
+class NpzBundleDataset(_VersionedFileDataset):
     """A versioned ``.npz`` file holding a dict of numpy arrays (string arrays allowed, no pickles).
 
     Example catalog entry::
@@ -44,23 +96,11 @@ class NpzBundleDataset(AbstractVersionedDataset[dict, dict]):
         fs_args: dict[str, Any] | None = None,
         metadata: dict[str, Any] | None = None,
     ) -> None:
-        protocol, path = get_protocol_and_path(filepath, version)
-        self._protocol = protocol
-        self._fs = fsspec.filesystem(protocol, **(fs_args or {}))
         self._compress = compress
-        self.metadata = metadata
-        super().__init__(
-            filepath=PurePosixPath(path),
-            version=version,
-            exists_function=self._fs.exists,
-            glob_function=self._fs.glob,
-        )
+        super().__init__(filepath=filepath, version=version, fs_args=fs_args, metadata=metadata)
 
     def load(self) -> dict[str, np.ndarray]:
-        path = get_filepath_str(self._get_load_path(), self._protocol)
-        with self._fs.open(path, "rb") as handle:
-            data = handle.read()
-        with np.load(io.BytesIO(data), allow_pickle=False) as bundle:
+        with np.load(io.BytesIO(self._read_bytes()), allow_pickle=False) as bundle:
             return {key: bundle[key] for key in bundle.files}
 
     def save(self, data: dict[str, Any]) -> None:
@@ -74,29 +114,7 @@ class NpzBundleDataset(AbstractVersionedDataset[dict, dict]):
             arrays[key] = array
         buffer = io.BytesIO()
         (np.savez_compressed if self._compress else np.savez)(buffer, **arrays)
-        path = get_filepath_str(self._get_save_path(), self._protocol)
-        parent = str(PurePosixPath(path).parent)
-        self._fs.makedirs(parent, exist_ok=True)
-        with self._fs.open(path, "wb") as handle:
-            handle.write(buffer.getvalue())
-        self._invalidate_cache()
-
-    def _describe(self) -> dict[str, Any]:
-        return {"filepath": self._filepath, "protocol": self._protocol, "version": self._version}
-
-    def _exists(self) -> bool:
-        try:
-            path = get_filepath_str(self._get_load_path(), self._protocol)
-        except DatasetError:
-            return False
-        return self._fs.exists(path)
-
-    def _release(self) -> None:
-        super()._release()
-        self._invalidate_cache()
-
-    def _invalidate_cache(self) -> None:
-        self._fs.invalidate_cache(get_filepath_str(self._filepath, self._protocol))
+        self._write_bytes(buffer.getvalue())
 
 
 class RawBytesDataset(AbstractDataset[bytes, bytes]):
@@ -153,7 +171,7 @@ class RawBytesDataset(AbstractDataset[bytes, bytes]):
         return self._fs.exists(get_filepath_str(self._filepath, self._protocol))
 
 
-class TorchCheckpointDataset(AbstractVersionedDataset[dict, dict]):
+class TorchCheckpointDataset(_VersionedFileDataset):
     """A versioned ``torch.save`` file of a dict of tensors/plain values, loaded with ``weights_only=True``.
 
     Example catalog entry::
@@ -164,37 +182,14 @@ class TorchCheckpointDataset(AbstractVersionedDataset[dict, dict]):
           versioned: true
     """
 
-    def __init__(self, *, filepath: str, version: Version | None = None, metadata: dict[str, Any] | None = None) -> None:
-        protocol, path = get_protocol_and_path(filepath, version)
-        self._protocol = protocol
-        self._fs = fsspec.filesystem(protocol)
-        self.metadata = metadata
-        super().__init__(filepath=PurePosixPath(path), version=version, exists_function=self._fs.exists, glob_function=self._fs.glob)
-
     def load(self) -> dict:
         import torch
 
-        path = get_filepath_str(self._get_load_path(), self._protocol)
-        with self._fs.open(path, "rb") as handle:
-            return torch.load(io.BytesIO(handle.read()), map_location="cpu", weights_only=True)
+        return torch.load(io.BytesIO(self._read_bytes()), map_location="cpu", weights_only=True)
 
     def save(self, data: dict) -> None:
         import torch
 
         buffer = io.BytesIO()
         torch.save(data, buffer)
-        path = get_filepath_str(self._get_save_path(), self._protocol)
-        self._fs.makedirs(str(PurePosixPath(path).parent), exist_ok=True)
-        with self._fs.open(path, "wb") as handle:
-            handle.write(buffer.getvalue())
-        self._fs.invalidate_cache(get_filepath_str(self._filepath, self._protocol))
-
-    def _describe(self) -> dict[str, Any]:
-        return {"filepath": self._filepath, "protocol": self._protocol, "version": self._version}
-
-    def _exists(self) -> bool:
-        try:
-            path = get_filepath_str(self._get_load_path(), self._protocol)
-        except DatasetError:
-            return False
-        return self._fs.exists(path)
+        self._write_bytes(buffer.getvalue())

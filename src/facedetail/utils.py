@@ -2,8 +2,12 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import os
 import random
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -37,3 +41,31 @@ def settings_hash(settings: Any) -> str:
     """A short stable hash of JSON-serialisable settings (used as part of cache keys)."""
     blob = json.dumps(settings, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to a temporary file in the same folder, fsync it, then rename it over ``path``.
+
+    If writing fails (disk full, killed process) the previous file at ``path`` stays valid and the
+    temporary file is removed.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_torch_save(obj: object, path: str | os.PathLike) -> Path:
+    """``torch.save`` with :func:`atomic_write_bytes` semantics."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return atomic_write_bytes(path, buffer.getvalue())

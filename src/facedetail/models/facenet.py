@@ -35,8 +35,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import os
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 
@@ -45,6 +43,8 @@ import torch
 import torch.nn.functional as F
 from facenet_pytorch import InceptionResnetV1
 from torch import nn
+
+from facedetail.utils import atomic_torch_save
 
 FACENET_INPUT_SIZE = 160
 EMBEDDING_DIM = 512
@@ -272,19 +272,6 @@ def convert_opencv_facenet_graph(graph_path: str | Path | None = None) -> dict[s
 
 
 # ----------------------------------------------------------------------------- caching and loading
-def _atomic_torch_save(payload: object, path: Path) -> None:
-    """``torch.save`` to a temporary file in the same folder, then rename over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        torch.save(payload, temporary)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-
-
 def _file_sha256(path: Path) -> str:
     """Hex SHA-256 of a file's bytes."""
     digest = hashlib.sha256()
@@ -315,7 +302,7 @@ def load_or_convert_casia_state_dict(cache_path: str | Path, graph_path: str | P
         "graph_sha256": _file_sha256(graph_path),
         "state_dict": state_dict,
     }
-    _atomic_torch_save(payload, cache_path)
+    atomic_torch_save(payload, cache_path)
     return state_dict
 
 

@@ -5,12 +5,16 @@ import logging
 import os
 import random
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from facedetail.utils import atomic_torch_save
+
+__all__ = ["atomic_torch_save", "capture_rng_state", "restore_rng_state", "checkpoint_path", "latest_checkpoint",
+           "load_checkpoint", "prune_checkpoints", "CheckpointError"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,27 +57,6 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
-
-
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save`` to a temporary file in the same folder, then rename over ``path``.
-
-    If writing fails (disk full, killed process) the previous file at ``path`` stays valid and the
-    temporary file is removed.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def checkpoint_path(directory: str | os.PathLike, step: int) -> Path:
