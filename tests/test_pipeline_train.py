@@ -136,3 +136,20 @@ def test_cached_rerun_recomputes_no_estimate(trained):
     before = {p: p.stat().st_mtime_ns for p in cache_files}
     _run(project, "estimation")
     assert {p: p.stat().st_mtime_ns for p in cache_files} == before  # nothing re-estimated
+
+
+def test_quickstart_notebook_runs_against_the_registered_model(trained, monkeypatch):
+    import nbformat
+    from nbclient import NotebookClient
+
+    project, tracking_uri, _ = trained
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
+    monkeypatch.setenv("FACEDETAIL_MODEL_URI", f"models:/{MODEL_NAME}/latest")
+    monkeypatch.setenv("FACEDETAIL_SAMPLE_IMAGE", str(SAMPLE / "astronaut.jpg"))
+    notebook = nbformat.read(REPO_ROOT / "notebooks" / "quickstart.ipynb", as_version=4)
+    NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(REPO_ROOT / "notebooks")}}).execute()
+    outputs = [out for cell in notebook.cells if cell.cell_type == "code" for out in cell.get("outputs", [])]
+    assert not [out for out in outputs if out.get("output_type") == "error"]
+    text = "".join(out.get("text", "") for out in outputs if out.get("output_type") == "stream")
+    assert "astronaut__f0 displacement range:" in text
+    assert any("image/png" in out.get("data", {}) for out in outputs)  # the renders figure
