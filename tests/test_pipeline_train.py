@@ -92,6 +92,13 @@ def test_train_writes_versioned_outputs(trained):
     with np.load(_single_version(project / "data" / "04_feature", "face_estimates.npz")) as est:
         assert est["coefficients"].shape[1] == 186  # ICT layout: 100 id + 53 exp + 3 + 27 + 3
         assert np.median(est["landmark_nme"]) < 0.05
+        with np.load(_single_version(project / "data" / "03_primary", "aligned_faces.npz")) as aligned:
+            row = aligned["face_ids"].tolist().index(str(est["face_ids"][0]))
+            x0, y0, x1, y1 = aligned["bbox"][row]
+        original = est["fitted_landmarks68_original"][0]
+        margin = 0.15 * (x1 - x0)  # jaw points may sit slightly outside MTCNN's box
+        assert (original[:, 0] > x0 - margin).all() and (original[:, 0] < x1 + margin).all()
+        assert (original[:, 1] > y0 - margin).all() and (original[:, 1] < y1 + margin).all()
 
 
 def test_run_is_tracked_and_model_registered(trained):

@@ -10,6 +10,7 @@ import numpy as np
 from PIL import Image
 import pandas as pd
 
+from facedetail.detect.align import aligned_to_original
 from facedetail.estimate import FaceEstimator
 from facedetail.geometry.face_model import load_face_model_from_params
 from facedetail.io.images import contact_sheet
@@ -49,6 +50,7 @@ def estimate_faces(
             aligned_faces["images"], [str(f) for f in aligned_faces["face_ids"]], [str(s) for s in aligned_faces["face_sha256"]]
         )
         sources = estimator.sources
+    result.arrays["fitted_landmarks68_original"] = landmarks_in_original_images(aligned_faces, result.arrays)
     if mlflow.active_run() is not None:
         mlflow.set_tags({f"estimation.source.{k}": v for k, v in sources.items()})
     report = pd.DataFrame(result.report, columns=["face_id", "status", "reason", "mask_source", "landmark_nme", "fit_loss"])
@@ -64,6 +66,16 @@ def estimate_faces(
         metrics["landmark_nme_median"] = {"value": float(np.nanmedian(result.arrays["landmark_nme"])), "step": 0}
     logger.info("estimation: %d/%d faces ok, %d cached, %.1f s", n_ok, len(report), result.cache_hits, seconds)
     return result.arrays, report, metrics
+
+
+def landmarks_in_original_images(aligned_faces: dict[str, np.ndarray], estimates: dict[str, np.ndarray]) -> np.ndarray:
+    """The fitted mesh's 68 landmarks mapped from the aligned crop back to each original photo (N, 68, 2)."""
+    row_of = {f: i for i, f in enumerate(aligned_faces["face_ids"].tolist())}
+    mapped = [
+        aligned_to_original(points, aligned_faces["trans_params"][row_of[face_id]], aligned_faces["images"].shape[1])
+        for face_id, points in zip(estimates["face_ids"].tolist(), estimates["fitted_landmarks68"])
+    ]
+    return np.asarray(mapped, np.float32).reshape(-1, 68, 2)
 
 
 def estimation_contact_sheet(face_estimates: dict[str, np.ndarray], max_faces: int = 24) -> Image.Image:
