@@ -177,3 +177,20 @@ def test_logged_image_grid_rows_show_the_batch_faces(face_model, tmp_path):
             tile = grid[row * 224 : (row + 1) * 224]
             photo, coarse = tile[:, :224].astype(int), tile[:, 224:448].astype(int)
             assert abs(photo[:16, :16] - coarse[:16, :16]).max() <= 1  # outside the face both are the same photo
+
+
+def test_compact_uint8_faces_train_exactly_like_their_float_version(face_model, tmp_path):
+    data = synthetic_faces(face_model)
+    quantised_images = (data.images * 255).round().to(torch.uint8)
+    quantised_textures = (data.uv_textures * 255).round().to(torch.uint8)
+    compact = FaceTensors(data.face_ids, quantised_images, data.masks.bool(), data.coefficients,
+                          quantised_textures, data.texture_valid.bool(), data.expression_maps.half())
+    as_float = compact.as_float()
+    assert as_float.images.dtype == torch.float32 and float(as_float.images.max()) <= 1.0
+    assert torch.equal(as_float.uv_textures, quantised_textures.float() / 255)
+    results = []
+    for name, faces in (("compact", compact), ("float", as_float)):
+        torch.manual_seed(0)
+        results.append(DetailTrainer(face_model, None, tiny_config(tmp_path / name, steps=2), UV, torch.device("cpu")).fit(faces))
+    for key, value in results[0].generator.state_dict().items():
+        assert torch.equal(value, results[1].generator.state_dict()[key]), key

@@ -48,7 +48,7 @@ def evaluate_faces(
     renderer = DetailRenderer(face_model.to(device), data.uv_textures.shape[-1], data.images.shape[-1], albedo_blur_sigma=albedo_blur_sigma)
     rows = []
     for index in torch.arange(len(data)).split(batch_size):
-        batch = data.subset(index).to(device)
+        batch = data.subset(index).to(device).as_float()
         scene = renderer.prepare(batch.coefficients, batch.uv_textures, batch.texture_valid)
         out = generator(batch.uv_textures, batch.texture_valid, batch.expression_maps)
         _, detailed_normals = renderer.detailed_maps(scene, out["displacement"])

@@ -65,6 +65,8 @@ class FaceTensors:
 
     images (N, 3, H, W) in [0, 1]; masks (N, 1, H, W) in {0, 1}; coefficients (N, K);
     uv_textures (N, 3, S, S) in [0, 1]; texture_valid (N, 1, S, S); expression_maps (N, 3, S, S).
+    Large sets may keep compact dtypes (uint8 images/textures, bool masks, float16 maps: a quarter
+    of the memory); :meth:`as_float` converts one batch at a time.
     """
 
     face_ids: list[str]
@@ -88,6 +90,17 @@ class FaceTensors:
             self.uv_textures[index],
             self.texture_valid[index],
             self.expression_maps[index],
+        )
+
+    def as_float(self) -> "FaceTensors":
+        """The same faces as float32 tensors in the documented ranges (uint8 images/textures / 255)."""
+
+        def unit(t: torch.Tensor) -> torch.Tensor:
+            return t.float() / 255.0 if t.dtype == torch.uint8 else t.float()
+
+        return FaceTensors(
+            self.face_ids, unit(self.images), self.masks.float(), self.coefficients.float(),
+            unit(self.uv_textures), self.texture_valid.float(), self.expression_maps.float(),
         )
 
     def to(self, device: torch.device) -> "FaceTensors":
@@ -248,7 +261,7 @@ class DetailTrainer:
         """The fixed coarse geometry, UV bakes and rasterization of every face, computed once."""
         scenes = [
             self.renderer.prepare(part.coefficients, part.uv_textures, part.texture_valid)
-            for part in (data.subset(index) for index in torch.arange(len(data)).split(chunk))
+            for part in (data.subset(index).to(self.device).as_float() for index in torch.arange(len(data)).split(chunk))
         ]
         return FaceBatchScene.concatenate(scenes)
 
@@ -337,7 +350,7 @@ class DetailTrainer:
         self.generator.eval()
         sums: dict[str, float] = {}
         for index in torch.arange(len(data)).split(batch_size):
-            batch = data.subset(index)
+            batch = data.subset(index).to(self.device).as_float()
             terms, extras = self.losses(batch, step=int(self.config["steps"]))
             coarse_error = masked_photometric_loss(extras["coarse"], batch.images, extras["mask"])
             values = {"val_photometric_detailed": float(terms["photometric"]), "val_photometric_coarse": float(coarse_error)}
@@ -355,8 +368,7 @@ class DetailTrainer:
         self.checkpoint_dir = self.checkpoint_root / self.run_key(train)
         start = self.try_resume()
         result = TrainingResult(self.generator, resumed_from=start or None)
-        train = train.to(self.device)
-        validation = validation.to(self.device) if validation is not None and len(validation) else None
+        validation = validation if validation is not None and len(validation) else None  # batches move to the device
         batches = self._batches(len(train), batch_size)
         scenes = self.prepare_scenes(train) if len(train) <= int(self.config.get("scene_cache_faces", 512)) else None
         nan_streak, nan_tolerance = 0, int(self.config.get("nan_tolerance", 5))
@@ -367,7 +379,8 @@ class DetailTrainer:
         for step in progress:
             tic = time.perf_counter()
             index = next(batches)
-            metrics = self.train_step(train.subset(index), step, scenes.select(index.to(self.device)) if scenes is not None else None)
+            batch = train.subset(index).to(self.device).as_float()
+            metrics = self.train_step(batch, step, scenes.select(index.to(self.device)) if scenes is not None else None)
             if metrics is None:
                 nan_streak += 1
                 if nan_streak > nan_tolerance:

@@ -33,16 +33,15 @@ def assemble_face_tensors(
     u = [uv_row[f] for f in face_ids]
     if "masks" not in face_estimates:
         raise TrainingError("face_estimates has no 'masks': rerun the estimation pipeline")
-    images = torch.from_numpy(aligned_faces["images"][a]).permute(0, 3, 1, 2).float() / 255.0
-    masks = torch.from_numpy(face_estimates["masks"][e].astype(np.float32))[:, None]
+    # Compact dtypes (uint8 images/textures, bool masks, float16 maps); the trainer converts per batch.
     return FaceTensors(
         face_ids,
-        images,
-        masks,
+        torch.from_numpy(np.ascontiguousarray(aligned_faces["images"][a].transpose(0, 3, 1, 2))),
+        torch.from_numpy(face_estimates["masks"][e].astype(bool))[:, None],
         torch.from_numpy(face_estimates["coefficients"][e].astype(np.float32)),
-        torch.from_numpy(uv_maps["uv_textures"][u]).float() / 255.0,
-        torch.from_numpy(uv_maps["texture_valid"][u].astype(np.float32)),
-        torch.from_numpy(uv_maps["expression_maps"][u].astype(np.float32)),
+        torch.from_numpy(uv_maps["uv_textures"][u]),
+        torch.from_numpy(uv_maps["texture_valid"][u].astype(bool)),
+        torch.from_numpy(uv_maps["expression_maps"][u]),
     )
 
 
