@@ -114,6 +114,7 @@ def test_run_is_tracked_and_model_registered(trained):
     assert run.data.tags["estimation.source.mask"] == "landmarks+skin_gmm"
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "train")}
     assert "train/train_grid_000000.png" in artifacts and "train/model_registration.json" in artifacts
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "train/checkpoint")] == ["train/checkpoint/step_00000003.pt"]
     assert {a.path for a in client.list_artifacts(run.info.run_id, "evaluate")} >= {"evaluate/evaluation_table.csv", "evaluate/coarse_vs_detailed.png"}
     versions = client.search_model_versions(f"name='{MODEL_NAME}'")
     assert len(versions) == 1 and versions[0].run_id == run.info.run_id

@@ -217,7 +217,7 @@ class DetailTrainer:
 
     #: Parameters that do not change what is trained (a resumed run may change them).
     NON_TRAINING_KEYS = ("log_every", "image_log_every", "checkpoint_every", "keep_checkpoints", "checkpoint_dir", "resume",
-                         "registered_model_name", "nan_tolerance", "validation_fraction", "split_seed")
+                         "registered_model_name", "nan_tolerance", "validation_fraction", "split_seed", "log_checkpoint_artifact")
 
     def run_key(self, train: FaceTensors) -> str:
         """Hash of everything that defines a training run: settings, face model, UV size and training faces."""

@@ -98,6 +98,9 @@ def train_detail_generator(
         log_metrics=log_metrics, log_images=log_images, backend=train_params.get("backend", "auto"),
     )
     result = trainer.fit(train_set, val_set)
+    if mlflow.active_run() is not None and train_params.get("log_checkpoint_artifact", True) and result.checkpoint is not None:
+        # the full training state (G, D, optimisers, RNG) of the final step, to resume or fine-tune elsewhere
+        mlflow.log_artifact(str(result.checkpoint), artifact_path="train/checkpoint")
     checkpoint = {
         "generator": {k: v.detach().cpu() for k, v in result.generator.state_dict().items()},
         "model_config": result.generator.config,
