@@ -118,6 +118,8 @@ def test_run_is_tracked_and_model_registered(trained):
     assert {a.path for a in client.list_artifacts(run.info.run_id, "evaluate")} >= {"evaluate/evaluation_table.csv", "evaluate/coarse_vs_detailed.png"}
     versions = client.search_model_versions(f"name='{MODEL_NAME}'")
     assert len(versions) == 1 and versions[0].run_id == run.info.run_id
+    tags = versions[0].tags  # the evaluation summary travels with the registered version
+    assert float(tags["evaluate.mean_photometric_l1_detailed"]) == pytest.approx(run.data.metrics["evaluate.mean_photometric_l1_detailed"], rel=1e-4)
 
 
 def test_registered_model_reconstructs_a_face_in_a_new_process(trained):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import mlflow
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
@@ -17,12 +18,23 @@ from facedetail.utils import resolve_device
 logger = logging.getLogger(__name__)
 
 
+def tag_registered_version(model_registration: dict[str, Any], summary: dict[str, float]) -> None:
+    """Write the evaluation summary onto the registered model version (compare versions in the registry)."""
+    name, version = model_registration.get("registered_model_name"), model_registration.get("version")
+    if not name or version in (None, "None") or mlflow.active_run() is None:
+        return
+    client = mlflow.MlflowClient()
+    for key, value in summary.items():
+        client.set_model_version_tag(name, str(version), f"evaluate.{key}", f"{value:.6g}")
+
+
 def evaluate_detail_model(
     detail_model: dict[str, Any],
     aligned_faces: dict[str, np.ndarray],
     face_estimates: dict[str, np.ndarray],
     uv_maps: dict[str, np.ndarray],
     train_split: dict[str, list[str]],
+    model_registration: dict[str, Any],
     evaluate_params: dict[str, Any],
     face_model_params: dict[str, Any],
     weights_params: dict[str, Any],
@@ -55,4 +67,5 @@ def evaluate_detail_model(
     )
     summary = summarise(table)
     logger.info("evaluation on %d faces: %s", len(table), {k: round(v, 4) for k, v in summary.items()})
+    tag_registered_version(model_registration, summary)
     return table, comparison_figure(table), {k: {"value": v, "step": 0} for k, v in summary.items()}
