@@ -34,7 +34,7 @@ from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
 from facedetail.detect.align import align_face, aligned_to_original
-from facedetail.detect.mtcnn import MtcnnFaceDetector
+from facedetail.detect.mtcnn import MtcnnFaceDetector, no_face_status
 from facedetail.estimate import FaceEstimator
 from facedetail.geometry.detail import displace_position_map, normals_from_position_map
 from facedetail.geometry.face_model import FaceModel, load_face_model_from_params
@@ -371,10 +371,8 @@ class FaceFitter:
         try:
             result = self.detector.detect(rgb)
             if not result.faces:
-                rejected = "; ".join(reason for _, reason in result.rejected[:3])
-                small = any("min_face_size" in reason for _, reason in result.rejected)
-                reason = "no face detected above the thresholds" + (f" (rejected: {rejected})" if rejected else "")
-                return [], [_report_row(name, "", "too_small" if small else "no_face", reason)]
+                status, reason = no_face_status(result, rgb.shape[1], rgb.shape[0], self.detector.min_face_size)
+                return [], [_report_row(name, "", status, reason)]
             records = []
             for index, face in enumerate(result.faces):
                 aligned = align_face(rgb, face.landmarks5, crop_size=self.crop_size, rescale_factor=self.rescale_factor)

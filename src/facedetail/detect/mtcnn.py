@@ -47,6 +47,22 @@ class DetectionResult:
     detection_scale: float = 1.0
 
 
+def describe_rejections(result: DetectionResult) -> str:
+    """One sentence about the detections that failed a threshold ("" when none did)."""
+    if not result.rejected:
+        return ""
+    return "; rejected: " + "; ".join(reason for _, reason in result.rejected[:5])
+
+
+def no_face_status(result: DetectionResult, width: int, height: int, min_face_size: float) -> tuple[str, str]:
+    """``(status, reason)`` for an image of ``width`` x ``height`` in which no face passed the thresholds."""
+    if min(width, height) < min_face_size:
+        return "too_small", f"image {width}x{height} is smaller than min_face_size {min_face_size:.0f} px"
+    if any("min_face_size" in reason for _, reason in result.rejected):
+        return "too_small", "every detected face is smaller than min_face_size" + describe_rejections(result)
+    return "no_face", "no face detected above the thresholds" + describe_rejections(result)
+
+
 class MtcnnFaceDetector:
     """Multi-face MTCNN detector with thresholds and detection-time downscaling.
 

@@ -116,7 +116,9 @@ class DetailRenderer:
         render_mask = ((region[..., 0] > 0.5) & fragments.mask)[:, None].to(coefficients.dtype)
         return FaceBatchScene(position_map, normal_map, albedo, valid, mesh["gamma"], pixel_uv, render_mask)
 
-    def _irradiance_map(self, normal_map: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def _irradiance_map(normal_map: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+        """SH irradiance (B, 3, H, W) of a map of unit normals (B, 3, H, W)."""
         batch, _, height, width = normal_map.shape
         flat = normal_map.flatten(2).transpose(1, 2)
         return irradiance(flat, gamma).transpose(1, 2).reshape(batch, 3, height, width)
@@ -139,18 +141,12 @@ class DetailRenderer:
         """Shade the albedo with a normal map and render it into the crop: (B, 3, H, W) in [0, 1]."""
         normals = F.normalize(sample_uv_map(normal_map, scene.pixel_uv), dim=1, eps=1e-8)
         albedo = sample_uv_map(scene.albedo_map, scene.pixel_uv)
-        batch, _, height, width = normals.shape
-        flat = normals.flatten(2).transpose(1, 2)
-        light = irradiance(flat, scene.gamma).transpose(1, 2).reshape(batch, 3, height, width)
-        return (albedo * light * scene.render_mask).clamp(0.0, 1.0)
+        return (albedo * self._irradiance_map(normals, scene.gamma) * scene.render_mask).clamp(0.0, 1.0)
 
     def render_shape(self, scene: FaceBatchScene, normal_map: torch.Tensor, grey: float = 0.7) -> torch.Tensor:
         """Shape-only render (uniform grey albedo, the fitted lighting) to see the geometry itself."""
         normals = F.normalize(sample_uv_map(normal_map, scene.pixel_uv), dim=1, eps=1e-8)
-        batch, _, height, width = normals.shape
-        flat = normals.flatten(2).transpose(1, 2)
         gamma = torch.zeros_like(scene.gamma)
         gamma[:, 0] = gamma[:, 9] = gamma[:, 18] = -0.3  # ambient (0.8 is added by the SH convention)
         gamma[:, 2] = gamma[:, 11] = gamma[:, 20] = 0.4  # light from the camera side (+z)
-        light = irradiance(flat, gamma).transpose(1, 2).reshape(batch, 3, height, width)
-        return (grey * light * scene.render_mask).clamp(0.0, 1.0)
+        return (grey * self._irradiance_map(normals, gamma) * scene.render_mask).clamp(0.0, 1.0)

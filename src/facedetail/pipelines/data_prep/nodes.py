@@ -16,8 +16,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from facedetail.detect.align import align_face
-from facedetail.detect.mtcnn import DetectionResult, MtcnnFaceDetector
-from facedetail.io.images import ImageReadError, LoadedImage, contact_sheet, draw_points, read_image
+from facedetail.detect.mtcnn import MtcnnFaceDetector, describe_rejections, no_face_status
+from facedetail.io.images import ImageReadError, contact_sheet, draw_points, read_image
 
 logger = logging.getLogger(__name__)
 
@@ -97,22 +97,6 @@ def _image_row(partition_id: str, source_path: str, data: bytes, status: str, re
     }
 
 
-def _describe_rejections(result: DetectionResult) -> str:
-    """One sentence about the detections that failed a threshold."""
-    if not result.rejected:
-        return ""
-    return "; rejected: " + "; ".join(reason for _, reason in result.rejected[:5])
-
-
-def _no_face_status(result: DetectionResult, loaded: LoadedImage, min_face_size: float) -> tuple[str, str]:
-    """Status and reason for an image in which no face passed the thresholds."""
-    if min(loaded.width, loaded.height) < min_face_size:
-        return "too_small", f"image {loaded.width}x{loaded.height} is smaller than min_face_size {min_face_size:.0f} px"
-    if any("min_face_size" in reason for _, reason in result.rejected):
-        return "too_small", "every detected face is smaller than min_face_size" + _describe_rejections(result)
-    return "no_face", "no face detected above the thresholds" + _describe_rejections(result)
-
-
 def process_image(
     partition_id: str,
     source_path: str,
@@ -142,7 +126,7 @@ def process_image(
     try:
         result = detector.detect(loaded.rgb)
         if not result.faces:
-            status, reason = _no_face_status(result, loaded, detector.min_face_size)
+            status, reason = no_face_status(result, loaded.width, loaded.height, detector.min_face_size)
             row = _image_row(partition_id, source_path, data, status, reason)
             row.update(facts, detection_scale=result.detection_scale)
             return [row], []
@@ -159,7 +143,7 @@ def process_image(
             rows.append(
                 {
                     **_image_row(partition_id, source_path, data, "ok", f"face {index + 1} of {len(result.faces)}"
-                                 + _describe_rejections(result)),
+                                 + describe_rejections(result)),
                     **facts,
                     "face_id": face_id,
                     "face_index": index,
