@@ -193,3 +193,90 @@ class TorchCheckpointDataset(_VersionedFileDataset):
         buffer = io.BytesIO()
         torch.save(data, buffer)
         self._write_bytes(buffer.getvalue())
+
+
+class ShardedFaceDataset(AbstractVersionedDataset):
+    """A versioned folder of per-face tar shards + ``index.parquet`` + ``meta.json`` (local filesystem).
+
+    ``load()`` returns a :class:`facedetail.data.shards.FaceShards` handle (paths and index; no arrays
+    are read until a stage streams a shard). ``save(face_shards)`` publishes a stage's shards, which
+    the stage runner wrote to its work folder, as a new version: each shard is hard-linked (copied
+    across filesystems) into a hidden temporary folder beside the version, the index and meta are
+    written, and the folder is renamed into place. A killed or disk-full save therefore never
+    leaves a visible, broken latest version, and a rerun never overwrites an old one.
+
+    Example catalog entry::
+
+        aligned_faces:
+          type: facedetail.datasets.ShardedFaceDataset
+          filepath: data/03_primary/aligned_faces
+          versioned: true
+    """
+
+    def __init__(self, *, filepath: str, version: Version | None = None, metadata: dict[str, Any] | None = None) -> None:
+        protocol, path = get_protocol_and_path(filepath, version)
+        if protocol != "file":
+            raise DatasetError(f"ShardedFaceDataset supports local folders only, got '{filepath}'")
+        self._fs = fsspec.filesystem("file")
+        self.metadata = metadata
+        super().__init__(filepath=PurePosixPath(path), version=version, exists_function=self._fs.exists, glob_function=self._fs.glob)
+
+    def load(self):
+        import json
+        from pathlib import Path
+
+        import pandas as pd
+
+        from facedetail.data.shards import FaceShards
+
+        folder = Path(str(self._get_load_path()))
+        meta_path = folder / "meta.json"
+        if not meta_path.is_file():
+            raise DatasetError(f"'{folder}' is not a complete shard folder (no meta.json); delete it and rerun the stage")
+        meta = json.loads(meta_path.read_text())
+        index = pd.read_parquet(folder / "index.parquet")
+        shards = [folder / name for name in meta["shards"]]
+        return FaceShards(shards, index, list(meta["shard_sha256"]), dict(meta.get("meta", {})))
+
+    def save(self, data) -> None:
+        import json
+        import os
+        import shutil
+        import uuid
+        from pathlib import Path
+
+        from facedetail.data.shards import FaceShards, shard_name
+
+        if not isinstance(data, FaceShards):
+            raise DatasetError(f"ShardedFaceDataset expects FaceShards, got {type(data).__name__}")
+        final = Path(str(self._get_save_path()))
+        final.parent.mkdir(parents=True, exist_ok=True)
+        staging = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
+        staging.mkdir()
+        try:
+            names = []
+            for number, source in enumerate(data.shards):
+                name = shard_name(number)
+                try:
+                    os.link(source, staging / name)
+                except OSError:
+                    shutil.copy2(source, staging / name)
+                names.append(name)
+            data.index.to_parquet(staging / "index.parquet", index=False)
+            meta = {"shards": names, "shard_sha256": list(data.shard_sha256), "faces": int(len(data.index)), "meta": data.meta}
+            (staging / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
+            os.rename(staging, final)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        self._fs.invalidate_cache(str(self._filepath))
+
+    def _describe(self) -> dict[str, Any]:
+        return {"filepath": self._filepath, "version": self._version}
+
+    def _exists(self) -> bool:
+        try:
+            path = str(self._get_load_path())
+        except DatasetError:
+            return False
+        return self._fs.exists(path)
