@@ -44,6 +44,55 @@ def _optional_path(path: str | os.PathLike | None) -> Path | None:
     return Path(path) if Path(path).is_file() else None
 
 
+def mask_options(mask_params: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``estimation.masks`` settings that :func:`face_mask` takes."""
+    return {k: v for k, v in mask_params.items() if k in ("mask_labels", "skin_threshold", "hole_margin", "min_skin_fraction")}
+
+
+def estimate_coefficients(
+    face_model: FaceModel,
+    crops: np.ndarray,
+    landmarks68: np.ndarray,
+    masks: np.ndarray,
+    settings: FitSettings,
+    regressor: torch.nn.Module | None = None,
+    blendshapes: tuple[list[str], np.ndarray] | None = None,
+) -> dict[str, Any]:
+    """3DMM coefficients of a batch of aligned crops: the Deng regressor when given, else the ICT/BFM fit.
+
+    Args:
+        crops: (B, 224, 224, 3) uint8 aligned crops.
+        landmarks68: (B, 68, 2) detected points in crop pixels (integer pixel centres).
+        masks: (B, 224, 224) bool photometric masks.
+        settings: the analysis-by-synthesis schedule.
+        regressor: a loaded Deng et al. regressor (BFM layout), or None to fit.
+        blendshapes: (names, (B, 52) scores) to initialise ICT expressions from, or None.
+
+    Returns:
+        ``coefficients`` (B, K), ``fitted_landmarks68`` (B, 68, 2) crop pixels, ``overlays`` (B, 224, 224, 3)
+        uint8 and ``losses`` (``landmark_nme``, ``total`` arrays of B).
+    """
+    if regressor is not None:
+        device = next(regressor.parameters()).device
+        with torch.no_grad():
+            images = torch.from_numpy(crops).permute(0, 3, 1, 2).float().div(255).to(device)
+            coefficients = regressor(images).cpu().numpy()
+        screen = fitted_screen_vertices(face_model, torch.from_numpy(coefficients).to(device), crops.shape[1])
+        fitted = screen[:, face_model.lmk68, :2].cpu().numpy() - 0.5  # continuous -> integer pixel centres
+        return {"coefficients": coefficients, "fitted_landmarks68": fitted, "overlays": crops.copy(),
+                "losses": {"landmark_nme": np.full(len(crops), np.nan)}}
+    exp_init = None
+    if blendshapes is not None and face_model.kind == "ict":
+        names, values = blendshapes
+        scores = [dict(zip(names, row.tolist())) for row in np.asarray(values)]
+        exp_init = expression_from_blendshapes(scores, list(face_model.exp_names))
+    # Detectors and alignment use integer pixel centres; the camera/renderer continuous
+    # coordinates (pixel c covers [c, c+1)): shift by half a pixel in and out.
+    fit = fit_coefficients(face_model, crops, landmarks68 + 0.5, masks, settings, exp_init=exp_init)
+    return {"coefficients": fit.coefficients.numpy(), "fitted_landmarks68": fit.landmarks68.numpy() - 0.5,
+            "overlays": fit.overlay, "losses": fit.losses}
+
+
 class FaceEstimator:
     """Landmarks → mask → coefficients (+ FaceNet embedding) for aligned 224x224 crops.
 
@@ -129,35 +178,19 @@ class FaceEstimator:
         masks, sources = [], []
         for i in found:
             dense = None if detected.dense is None else detected.dense[i]
-            mask, source = face_mask(
-                crops[i], dense, self.parser,
-                **{k: v for k, v in self.mask_params.items() if k in ("mask_labels", "skin_threshold", "hole_margin", "min_skin_fraction")},
-            )
+            mask, source = face_mask(crops[i], dense, self.parser, **mask_options(self.mask_params))
             masks.append(mask)
             sources.append(source)
         masks_np = np.stack(masks)
         lmk = np.asarray(detected.landmarks68)[found]
-        if self.regressor is not None:
-            with torch.no_grad():
-                images = torch.from_numpy(crops[found]).permute(0, 3, 1, 2).float().div(255).to(self.device)
-                coefficients = self.regressor(images).cpu().numpy()
-            screen = fitted_screen_vertices(self.face_model, torch.from_numpy(coefficients).to(self.device), crops.shape[1])
-            fitted = screen[:, self.face_model.lmk68, :2].cpu().numpy() - 0.5  # continuous -> integer pixel centres
-            overlays = crops[found].copy()
-            losses = {"landmark_nme": np.full(len(found), np.nan)}
-        else:
-            exp_init = None
-            if self.params.get("use_blendshape_init", False) and detected.blendshapes is not None and self.face_model.kind == "ict":
-                names = list(detected.blendshape_names)
-                scores = [dict(zip(names, row.tolist())) for row in np.asarray(detected.blendshapes)[found]]
-                exp_init = expression_from_blendshapes(scores, list(self.face_model.exp_names)).to(self.device)
-            # Detectors and alignment use integer pixel centres; the camera/renderer continuous
-            # coordinates (pixel c covers [c, c+1)): shift by half a pixel in and out.
-            fit = fit_coefficients(self.face_model, crops[found], lmk + 0.5, masks_np, self.fit_settings, exp_init=exp_init)
-            coefficients = fit.coefficients.numpy()
-            fitted = fit.landmarks68.numpy() - 0.5
-            overlays = fit.overlay
-            losses = fit.losses
+        blendshapes = None
+        if detected.blendshapes is not None:
+            blendshapes = (list(detected.blendshape_names), np.asarray(detected.blendshapes)[found])
+        fit = estimate_coefficients(
+            self.face_model, crops[found], lmk, masks_np, self.fit_settings, regressor=self.regressor,
+            blendshapes=blendshapes if self.params.get("use_blendshape_init", False) else None,
+        )
+        coefficients, fitted, overlays, losses = fit["coefficients"], fit["fitted_landmarks68"], fit["overlays"], fit["losses"]
         embeddings = None
         if self.embedder is not None:
             with torch.no_grad():
