@@ -64,6 +64,9 @@ class DaskExecutor(Executor):
     def map_shards(self, stage: ShardStage, shards: list[ShardInput], work_dir: str) -> Iterable[ShardOutput]:
         from distributed import as_completed
 
+        if not shards:
+            return
+
         stage_future = self.client.scatter(stage, broadcast=True)
         futures = [
             self.client.submit(run_shard_task, stage_future, shard, work_dir, retries=self.retries, pure=False,
@@ -130,3 +133,16 @@ def close_executors() -> None:
             executor.close()
         except Exception as error:  # noqa: BLE001 - shutting down is best effort
             logger.warning("closing executor: %s", error)
+
+
+def run_face_stage(stage: ShardStage, shards: list[ShardInput], settings: Mapping[str, Any], meta: Mapping[str, Any] | None = None):
+    """Run a shard stage with the run's executor (see :func:`get_executor`); ``(FaceShards, report rows)``."""
+    from facedetail.data.stages import run_stage
+
+    return run_stage(stage, shards, settings.get("work_dir", "data/02_intermediate/shard_work"), get_executor(settings), meta)
+
+
+def stage_runtime(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """Per-process settings of stage workers (torch threads; none when tasks run in the calling process)."""
+    scheduler = str(settings.get("scheduler", "local"))
+    return {} if scheduler == "synchronous" else {"torch_threads": int(settings.get("threads_per_worker", 1))}

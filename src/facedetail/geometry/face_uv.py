@@ -1,6 +1,7 @@
 """Per-face UV maps from fitted coefficients: the expression map and the unwrapped face texture."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from facedetail.geometry.camera import transform_and_project
@@ -45,3 +46,24 @@ def face_uv_maps(
     screen = fitted_screen_vertices(face_model, coefficients, images.shape[-1])
     texture, visible = unwrap_texture(images, screen, face_model.triangles, face_model.tri_uv_idx, face_model.uv, size, backend=backend)
     return {"expression_maps": exp_maps, "expression_valid": exp_valid, "uv_textures": texture, "texture_valid": visible}
+
+
+def stored_uv_maps(
+    face_model: FaceModel, coefficients: np.ndarray, images: np.ndarray, size: int, backend: str = "auto"
+) -> dict[str, np.ndarray]:
+    """:func:`face_uv_maps` of uint8 crops, quantised as stored: float16 expression maps, uint8
+    textures (round to nearest), bool validity. Training and inference read exactly these dtypes.
+
+    Args:
+        coefficients: (B, K) float32; images: (B, H, W, 3) uint8 aligned crops.
+    """
+    device = face_model.device if hasattr(face_model, "device") else torch.device("cpu")
+    images_t = torch.from_numpy(np.ascontiguousarray(images)).to(device).permute(0, 3, 1, 2).float() / 255.0
+    coeffs = torch.from_numpy(np.asarray(coefficients, np.float32)).to(device)
+    maps = face_uv_maps(face_model, coeffs, images_t, size, backend=backend)
+    return {
+        "expression_maps": maps["expression_maps"].cpu().numpy().astype(np.float16),
+        "expression_valid": maps["expression_valid"].cpu().numpy().astype(bool),
+        "uv_textures": (maps["uv_textures"].clamp(0, 1) * 255 + 0.5).byte().cpu().numpy(),
+        "texture_valid": maps["texture_valid"].cpu().numpy() > 0.5,
+    }

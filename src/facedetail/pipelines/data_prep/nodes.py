@@ -15,6 +15,10 @@ import pandas as pd
 from PIL import Image
 from tqdm.auto import tqdm
 
+from facedetail.data.execution import run_face_stage, stage_runtime
+from facedetail.data.face_stages import AlignStage, image_items
+from facedetail.data.shards import FaceShards
+from facedetail.data.stages import ShardInput
 from facedetail.detect.align import align_face
 from facedetail.detect.mtcnn import MtcnnFaceDetector, describe_rejections, no_face_status
 from facedetail.io.images import ImageReadError, contact_sheet, draw_points, read_image
@@ -176,89 +180,53 @@ def process_image(
         return [row], []
 
 
-def bundle_aligned_faces(records: list[dict[str, Any]], crop_size: int) -> dict[str, np.ndarray]:
-    """Stack per-face records into the ``aligned_faces`` bundle (axis 0 follows ``face_ids``)."""
-    count = len(records)
-
-    def stack(key: str, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
-        if count == 0:
-            return np.zeros((0, *shape), dtype=dtype)
-        return np.stack([np.asarray(record[key], dtype=dtype) for record in records])
-
-    images = stack("image", (crop_size, crop_size, 3), np.uint8)
-    return {
-        "face_ids": np.array([r["face_id"] for r in records], dtype=str).reshape(count),
-        "images": images,
-        "landmarks5": stack("landmarks5", (5, 2), np.float32),
-        "landmarks5_original": stack("landmarks5_original", (5, 2), np.float32),
-        "trans_params": stack("trans_params", (5,), np.float32),
-        "bbox": stack("bbox", (4,), np.float32),
-        "scores": stack("score", (), np.float32),
-        "source_images": np.array([r["source_image"] for r in records], dtype=str).reshape(count),
-        "source_sha256": np.array([r["source_sha256"] for r in records], dtype=str).reshape(count),
-        "face_sha256": np.array([hashlib.sha256(image.tobytes()).hexdigest() for image in images], dtype=str)
-        .reshape(count),
-    }
-
-
 def detect_and_align_faces(
-    raw_faces: dict[str, Callable[[], bytes]], params: dict[str, Any], device: str
-) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
-    """Detect every face in every raw image and align it the Deng et al. way.
+    raw_faces: dict[str, Callable[[], bytes]], params: dict[str, Any], device: str, execution: dict[str, Any]
+) -> tuple[pd.DataFrame, FaceShards]:
+    """Detect every face in every raw image and align it the Deng et al. way, shard by shard.
 
     Args:
-        raw_faces: ``PartitionedDataset`` of ``RawBytesDataset``: partition id -> loader of the file's bytes.
-        params: ``params:data_prep`` (image_extensions, max_image_pixels, detection, alignment).
-        device: ``params:device`` ("auto", "cpu", "cuda", ...).
+        raw_faces: ``PartitionedDataset`` of ``RawBytesDataset`` (only the file paths are used here:
+            the workers read the files).
+        params: ``params:data_prep`` (image_extensions, max_image_pixels, detection, alignment, shard_size).
+        device: ``params:device``.
+        execution: ``params:execution`` (Dask scheduler, work folder).
 
     Returns:
-        ``face_manifest`` (one row per face, plus one row per image without faces) and the
-        ``aligned_faces`` bundle.
+        ``face_manifest`` (one row per face, plus one row per image without faces) and the sharded
+        ``aligned_faces`` dataset (shard k holds the faces of images ``k*shard_size ...``).
     """
     images = select_image_partitions(raw_faces, list(params["image_extensions"]))
-    detection = params["detection"]
-    detector = MtcnnFaceDetector(
-        device,
-        min_face_size=float(detection["min_face_size"]),
-        min_probability=float(detection["min_probability"]),
-        max_detection_side=int(detection["max_detection_side"]),
-        stage_thresholds=tuple(detection["stage_thresholds"]),
-    )
     stems = make_face_ids(list(images))
-    rows: list[dict[str, Any]] = []
-    records: list[dict[str, Any]] = []
-    statuses: Counter[str] = Counter()
-    progress = tqdm(images.items(), total=len(images), desc="data_prep: detect + align", unit="image")
-    for partition_id, loader in progress:
-        source_path = _source_path(partition_id, loader)
-        try:
-            data = loader()
-        except Exception as error:  # noqa: BLE001 - unreadable from disk (permissions, broken link)
-            image_rows = [_image_row(partition_id, source_path, b"", "unreadable", f"{source_path}: {error}")]
-            image_records: list[dict[str, Any]] = []
-        else:
-            image_rows, image_records = process_image(partition_id, source_path, data, stems[partition_id], detector, params)
-        rows.extend(image_rows)
-        records.extend(image_records)
-        statuses[image_rows[0]["status"]] += 1
-        progress.set_postfix(faces=len(records), **{k: v for k, v in statuses.items() if k != "ok"})
-    manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
+    items = image_items({pid: _source_path(pid, loader) for pid, loader in images.items()}, stems)
+    size = max(1, int(params.get("shard_size", 256)))
+    shards = [ShardInput(number=k, items=tuple(items[start : start + size])) for k, start in enumerate(range(0, len(items), size))]
+    stage = AlignStage(params, device, stage_runtime(execution))
+    aligned, report = run_face_stage(stage, shards, execution, meta={"crop_size": int(params["alignment"]["crop_size"])})
+    manifest = pd.DataFrame(report.to_dict("records") if len(report) else [], columns=MANIFEST_COLUMNS)
+    manifest = manifest.replace({None: pd.NA}) if len(manifest) else manifest
     for column in ("image_width", "image_height", "bit_depth"):
-        manifest[column] = manifest[column].astype("Int64")
+        manifest[column] = pd.to_numeric(manifest[column], errors="coerce").astype("Int64")
     for column in ("grayscale", "had_alpha", "exif_transposed"):
         manifest[column] = manifest[column].astype("boolean")
-    logger.info("data_prep: %d image(s), %d face(s), image statuses %s", len(images), len(records), dict(statuses))
-    return manifest, bundle_aligned_faces(records, int(params["alignment"]["crop_size"]))
+    for column in ("score", "detection_scale"):
+        manifest[column] = pd.to_numeric(manifest[column], errors="coerce").astype(float)
+    statuses = manifest.drop_duplicates("image")["status"].value_counts().to_dict() if len(manifest) else {}
+    logger.info("data_prep: %d image(s), %d face(s) in %d shard(s), image statuses %s", len(images), len(aligned), aligned.num_shards, statuses)
+    return manifest, aligned
 
 
-def make_contact_sheet(aligned_faces: dict[str, np.ndarray], params: dict[str, Any]) -> Image.Image:
-    """A PNG-ready sheet of the aligned crops (first ``contact_sheet.max_faces``) with their 5 points drawn."""
+def make_contact_sheet(aligned_faces: FaceShards, params: dict[str, Any]) -> Image.Image:
+    """A PNG-ready sheet of the first aligned crops (``contact_sheet.max_faces``) with their 5 points drawn."""
     sheet_params = params.get("contact_sheet", {})
     limit = int(sheet_params.get("max_faces", 48))
-    images = aligned_faces["images"][:limit]
-    points = aligned_faces["landmarks5"][:limit]
-    tiles = [draw_points(image, landmarks, radius=2.5) for image, landmarks in zip(images, points)]
-    labels = [str(face_id) for face_id in aligned_faces["face_ids"][:limit]]
+    tiles, labels = [], []
+    for face in aligned_faces.iter_faces():
+        if len(tiles) >= limit:
+            break
+        if face.get("status", "ok") == "ok":
+            tiles.append(draw_points(face["image"], face["landmarks5"], radius=2.5))
+            labels.append(str(face["face_id"]))
     sheet = contact_sheet(tiles, labels, tile_size=int(sheet_params.get("tile_size", 160)))
     return Image.fromarray(sheet)
 

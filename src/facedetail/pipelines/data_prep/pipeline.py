@@ -7,12 +7,12 @@ from .nodes import detect_and_align_faces, make_contact_sheet, summarise_manifes
 
 
 def create_pipeline(**kwargs) -> Pipeline:
-    """raw_faces -> face_manifest + aligned_faces -> contact sheet, MLflow metrics and manifest report."""
+    """raw_faces -> face_manifest + aligned_faces (sharded) -> contact sheet, MLflow metrics and manifest report."""
     return pipeline(
         [
             node(
                 detect_and_align_faces,
-                inputs=["raw_faces", "params:data_prep", "params:device"],
+                inputs=["raw_faces", "params:data_prep", "params:device", "params:execution"],
                 outputs=["face_manifest", "aligned_faces"],
                 name="detect_and_align_faces",
             ),

@@ -1,87 +1,104 @@
-"""Nodes of the estimation pipeline (thin wiring around facedetail.estimate)."""
+"""Nodes of the estimation pipeline: one node per step of the design card's chain, each a shard stage.
+
+aligned_faces -> face_landmarks -> face_masks -> face_coefficients, and aligned_faces ->
+facenet_embeddings. Every node builds its stage (facedetail.data.face_stages) and runs it shard by
+shard on the run's executor (a Dask cluster by default); a finished shard is never recomputed.
+"""
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any
 
+import cv2
 import mlflow
 import numpy as np
-from PIL import Image
 import pandas as pd
+from PIL import Image
 
-from facedetail.detect.align import aligned_to_original
-from facedetail.estimate import FaceEstimator
-from facedetail.geometry.face_model import load_face_model_from_params
+from facedetail.data.execution import run_face_stage, stage_runtime
+from facedetail.data.face_stages import CoefficientStage, FaceNetStage, LandmarkStage, MaskStage
+from facedetail.data.shards import FaceShards
+from facedetail.data.stages import shard_inputs
 from facedetail.io.images import contact_sheet
-from facedetail.models.facenet import load_face_embedder
-from facedetail.utils import resolve_device, settings_hash
 
 logger = logging.getLogger(__name__)
 
 
-def estimate_faces(
-    aligned_faces: dict[str, np.ndarray],
-    estimation_params: dict[str, Any],
-    face_model_params: dict[str, Any],
-    weights_params: dict[str, Any],
-    device: str,
-) -> tuple[dict[str, np.ndarray], pd.DataFrame, dict[str, dict[str, float]]]:
-    """Landmarks, mask, coefficients (and FaceNet embedding) of every aligned face, cached per face.
-
-    Returns:
-        ``(face_estimates, estimation_report, estimation_metrics)``: the bundle of the faces that
-        succeeded, one report row per face (status, reason, mask source, landmark error), and
-        counts/timings for MLflow.
-    """
-    tic = time.perf_counter()
-    torch_device = resolve_device(device)
-    face_model = load_face_model_from_params(face_model_params, torch_device)
-    embedder = None
-    if estimation_params.get("facenet_embeddings", True):
-        embedder, _ = load_face_embedder(weights_params.get("facenet") or None, weights_params["facenet_cache"], torch_device)
-    model_path = face_model_params["ict_path"] if face_model.kind == "ict" else face_model_params["bfm_path"]
-    with FaceEstimator(
-        face_model, torch_device, estimation_params, weights_params,
-        cache_root=estimation_params.get("cache_dir") if estimation_params.get("cache", True) else None,
-        embedder=embedder, face_model_id=f"{face_model.kind}:{settings_hash(str(model_path))}",
-    ) as estimator:
-        result = estimator.estimate(
-            aligned_faces["images"], [str(f) for f in aligned_faces["face_ids"]], [str(s) for s in aligned_faces["face_sha256"]]
-        )
-        sources = estimator.sources
-    result.arrays["fitted_landmarks68_original"] = landmarks_in_original_images(aligned_faces, result.arrays)
-    if mlflow.active_run() is not None:
-        mlflow.set_tags({f"estimation.source.{k}": v for k, v in sources.items()})
-    report = pd.DataFrame(result.report, columns=["face_id", "status", "reason", "mask_source", "landmark_nme", "fit_loss"])
-    seconds = time.perf_counter() - tic
-    n_ok = int((report["status"] == "ok").sum()) if len(report) else 0
-    metrics = {
-        "faces": {"value": float(len(report)), "step": 0},
-        "faces_ok": {"value": float(n_ok), "step": 0},
-        "cache_hits": {"value": float(result.cache_hits), "step": 0},
-        "seconds": {"value": float(seconds), "step": 0},
+def _counts(stage: str, data: FaceShards) -> dict[str, dict[str, float]]:
+    """``{<stage>.faces, <stage>.faces_ok, <stage>.shards_reused}`` in the MlflowMetricsHistoryDataset format."""
+    return {
+        f"{stage}.faces": {"value": float(len(data)), "step": 0},
+        f"{stage}.faces_ok": {"value": float(len(data.ok())), "step": 0},
+        f"{stage}.shards_reused": {"value": float(data.meta.get("shards_reused", 0)), "step": 0},
     }
-    if n_ok:
-        metrics["landmark_nme_median"] = {"value": float(np.nanmedian(result.arrays["landmark_nme"])), "step": 0}
-    logger.info("estimation: %d/%d faces ok, %d cached, %.1f s", n_ok, len(report), result.cache_hits, seconds)
-    return result.arrays, report, metrics
 
 
-def landmarks_in_original_images(aligned_faces: dict[str, np.ndarray], estimates: dict[str, np.ndarray]) -> np.ndarray:
-    """The fitted mesh's 68 landmarks mapped from the aligned crop back to each original photo (N, 68, 2)."""
-    row_of = {f: i for i, f in enumerate(aligned_faces["face_ids"].tolist())}
-    mapped = [
-        aligned_to_original(points, aligned_faces["trans_params"][row_of[face_id]], aligned_faces["images"].shape[1])
-        for face_id, points in zip(estimates["face_ids"].tolist(), estimates["fitted_landmarks68"])
-    ]
-    return np.asarray(mapped, np.float32).reshape(-1, 68, 2)
+def detect_landmarks(aligned_faces: FaceShards, estimation: dict[str, Any], device: str, execution: dict[str, Any]) -> FaceShards:
+    """68 iBUG landmarks of every aligned face (``estimation.landmarks.backend``: MediaPipe or FAN)."""
+    params = {"backend": estimation.get("landmarks", {}).get("backend", "mediapipe"), "batch_size": estimation.get("batch_size", 8)}
+    stage = LandmarkStage(params, device, stage_runtime(execution))
+    landmarks, _ = run_face_stage(stage, shard_inputs([aligned_faces]), execution)
+    return landmarks
 
 
-def estimation_contact_sheet(face_estimates: dict[str, np.ndarray], max_faces: int = 24) -> Image.Image:
-    """Fit overlays (shaded mesh, fitted landmarks green, detected red) for MLflow."""
-    overlays = face_estimates["overlays"][:max_faces]
-    if len(overlays) == 0:
+def make_face_masks(
+    aligned_faces: FaceShards, face_landmarks: FaceShards, estimation: dict[str, Any], weights: dict[str, Any],
+    device: str, execution: dict[str, Any],
+) -> FaceShards:
+    """Photometric mask of every face: BiSeNet when ``weights.bisenet`` exists, else landmarks + skin colour."""
+    params = {**estimation.get("masks", {}), "batch_size": estimation.get("batch_size", 8)}
+    stage = MaskStage(params, weights, device, stage_runtime(execution))
+    masks, _ = run_face_stage(stage, shard_inputs([aligned_faces, face_landmarks]), execution)
+    if mlflow.active_run() is not None:
+        mlflow.set_tag("estimation.source.mask", "bisenet" if stage.bisenet_path else "landmarks+skin_gmm")
+    return masks
+
+
+def embed_faces(aligned_faces: FaceShards, estimation: dict[str, Any], weights: dict[str, Any], device: str, execution: dict[str, Any]) -> FaceShards:
+    """FaceNet identity embedding of every aligned face."""
+    params = {"facenet_embeddings": estimation.get("facenet_embeddings", True), "batch_size": estimation.get("batch_size", 8)}
+    stage = FaceNetStage(params, weights, device, stage_runtime(execution))
+    embeddings, _ = run_face_stage(stage, shard_inputs([aligned_faces]), execution)
+    return embeddings
+
+
+def fit_face_coefficients(
+    aligned_faces: FaceShards, face_landmarks: FaceShards, face_masks: FaceShards, estimation: dict[str, Any],
+    face_model: dict[str, Any], weights: dict[str, Any], device: str, execution: dict[str, Any],
+) -> tuple[FaceShards, pd.DataFrame, dict[str, dict[str, float]]]:
+    """3DMM coefficients of every face (ICT/BFM fit or the Deng regressor), cached per face content.
+
+    Returns ``(face_coefficients, estimation_report, estimation_metrics)``: the report has one row
+    per face (status, reason, mask source, landmark error, fit loss).
+    """
+    params = {k: estimation.get(k) for k in ("fitting", "use_blendshape_init", "bfm_use_regressor", "cache", "cache_dir")}
+    params["batch_size"] = estimation.get("fit_batch_size", estimation.get("batch_size", 8))
+    stage = CoefficientStage(params, face_model, weights, device, stage_runtime(execution))
+    coefficients, _ = run_face_stage(stage, shard_inputs([aligned_faces, face_landmarks, face_masks]), execution,
+                                     meta={"face_model_kind": face_model.get("kind", "ict")})
+    report = coefficients.index.merge(face_masks.index[["face_id", "mask_source"]], on="face_id", how="left")
+    report = report[["face_id", "status", "reason", "mask_source", "landmark_nme", "fit_loss"]]
+    metrics = {**_counts("landmarks", face_landmarks), **_counts("masks", face_masks), **_counts("coefficients", coefficients)}
+    ok = coefficients.ok()
+    if len(ok) and ok["landmark_nme"].notna().any():
+        metrics["landmark_nme_median"] = {"value": float(np.nanmedian(ok["landmark_nme"].astype(float))), "step": 0}
+    if mlflow.active_run() is not None:
+        mlflow.set_tags({"estimation.source.landmarks": str(estimation.get("landmarks", {}).get("backend", "mediapipe")),
+                         "estimation.source.coefficients": "deng_regressor" if stage.settings()["regressor"] else f"fitting:{face_model.get('kind', 'ict')}"})
+    logger.info("estimation: %d/%d faces with coefficients", len(ok), len(coefficients))
+    return coefficients, report, metrics
+
+
+def estimation_contact_sheet(face_coefficients: FaceShards, face_masks: FaceShards, max_faces: int = 24) -> Image.Image:
+    """Fit overlays (shaded mesh, fitted landmarks green, detected red) of the first faces, for MLflow."""
+    source = dict(zip(face_masks.index["face_id"], face_masks.index.get("mask_source", pd.Series(dtype=str))))
+    tiles, labels = [], []
+    for face in face_coefficients.iter_faces():
+        if len(tiles) >= max_faces:
+            break
+        if face.get("status") == "ok" and face["overlay_jpeg"].size:
+            tiles.append(cv2.imdecode(face["overlay_jpeg"], cv2.IMREAD_COLOR)[..., ::-1])
+            labels.append(f"{face['face_id']} [{source.get(face['face_id'], '')}]")
+    if not tiles:
         return Image.fromarray(np.zeros((64, 64, 3), np.uint8))
-    labels = [f"{f} [{s}]" for f, s in zip(face_estimates["face_ids"][:max_faces], face_estimates["mask_source"][:max_faces])]
-    return Image.fromarray(contact_sheet(list(overlays), labels))
+    return Image.fromarray(contact_sheet(tiles, labels))

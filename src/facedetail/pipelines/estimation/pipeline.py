@@ -1,20 +1,29 @@
-"""estimation pipeline: aligned crops → landmarks, masks, FaceNet features, 3DMM coefficients (cached)."""
+"""estimation pipeline: aligned crops -> 68 landmarks -> face masks -> 3DMM coefficients (cached per face);
+FaceNet embeddings beside them. One node per step, each writing its own sharded, versioned dataset."""
 from kedro.pipeline import Node, Pipeline
 
-from .nodes import estimate_faces, estimation_contact_sheet
+from .nodes import detect_landmarks, embed_faces, estimation_contact_sheet, fit_face_coefficients, make_face_masks
+
+RUN = ["params:device", "params:execution"]
 
 
 def create_pipeline(**kwargs) -> Pipeline:
     return Pipeline(
         [
+            Node(detect_landmarks, inputs=["aligned_faces", "params:estimation", *RUN], outputs="face_landmarks",
+                 name="detect_landmarks"),
+            Node(make_face_masks, inputs=["aligned_faces", "face_landmarks", "params:estimation", "params:weights", *RUN],
+                 outputs="face_masks", name="make_face_masks"),
+            Node(embed_faces, inputs=["aligned_faces", "params:estimation", "params:weights", *RUN],
+                 outputs="facenet_embeddings", name="embed_faces"),
             Node(
-                estimate_faces,
-                inputs=["aligned_faces", "params:estimation", "params:face_model", "params:weights", "params:device"],
-                outputs=["face_estimates", "estimation_report", "estimation_metrics"],
-                name="estimate_faces",
-                tags=["estimation"],
+                fit_face_coefficients,
+                inputs=["aligned_faces", "face_landmarks", "face_masks", "params:estimation", "params:face_model", "params:weights", *RUN],
+                outputs=["face_coefficients", "estimation_report", "estimation_metrics"],
+                name="fit_face_coefficients",
             ),
-            Node(estimation_contact_sheet, inputs="face_estimates", outputs="estimation_contact_sheet",
-                 name="estimation_contact_sheet", tags=["estimation"]),
-        ]
+            Node(estimation_contact_sheet, inputs=["face_coefficients", "face_masks"], outputs="estimation_contact_sheet",
+                 name="estimation_contact_sheet"),
+        ],
+        tags=["estimation"],
     )

@@ -1,0 +1,376 @@
+"""The per-face preprocessing chain as shard stages (design card: align -> landmarks -> masks ->
+FaceNet -> 3DMM coefficients -> expression maps + UV textures).
+
+Each stage wraps the library function of its step (the same ones inference uses) and turns shard
+``k`` of its inputs into shard ``k`` of its output, keeping every face in its place: a face that
+failed upstream, or fails here, is a record with ``status``/``reason`` and no arrays.
+
+Records per stage (arrays as stored; ``face_id``, ``face_sha256``, ``status``, ``reason`` always):
+
+* ``aligned_faces``: ``image`` (224,224,3) uint8, ``landmarks5`` (5,2) crop px,
+  ``landmarks5_original`` (5,2), ``trans_params`` (5,), ``bbox`` (4,), ``score``, ``source_image``,
+  ``source_sha256``
+* ``face_landmarks``: ``landmarks68`` (68,2) crop px, ``dense478`` (478,2) (MediaPipe),
+  ``blendshapes`` (52,) (MediaPipe; names in ``facedetail.detect.landmarks.BLENDSHAPE_NAMES``)
+* ``face_masks``: ``mask`` (224,224) bool, ``mask_source``
+* ``facenet_embeddings``: ``facenet_embedding`` (512,) float32
+* ``face_coefficients``: ``coefficients`` (K,) float32, ``fitted_landmarks68`` (68,2) crop px,
+  ``fitted_landmarks68_original`` (68,2) photo px, ``landmark_nme``, ``fit_loss``, ``overlay_jpeg``
+* ``uv_maps``: ``expression_map`` (3,S,S) float16 model units, ``uv_texture`` (3,S,S) uint8,
+  ``texture_valid`` (1,S,S) bool, ``expression_valid`` (S,S) bool
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import cv2
+import numpy as np
+import torch
+
+from facedetail.data.stages import ShardInput, ShardStage
+from facedetail.utils import resolve_device, settings_hash
+
+OK = "ok"
+
+
+def _ok(record: Mapping[str, Any]) -> bool:
+    return str(record.get("status", OK)) == OK
+
+
+def _carry_failure(records: tuple[Mapping[str, Any], ...]) -> dict[str, Any] | None:
+    """The failure record of a face that failed in any input stage, else None."""
+    for record in records:
+        if not _ok(record):
+            return {"face_id": record["face_id"], "face_sha256": records[0].get("face_sha256", ""),
+                    "status": str(record["status"]), "reason": str(record.get("reason", ""))}
+    return None
+
+
+def _zip(inputs: list[list[dict[str, Any]]]):
+    from facedetail.data.shards import zip_shard_records
+
+    return list(zip_shard_records(*inputs))
+
+
+def _base(record: Mapping[str, Any]) -> dict[str, Any]:
+    return {"face_id": record["face_id"], "face_sha256": record.get("face_sha256", ""), "status": OK, "reason": ""}
+
+
+def _set_threads(settings: Mapping[str, Any]) -> None:
+    threads = settings.get("torch_threads")
+    if threads:
+        torch.set_num_threads(int(threads))
+
+
+class _BatchedStage(ShardStage):
+    """A stage that processes the faces still ok in all its inputs, ``batch_size`` at a time."""
+
+    def __init__(self, params: Mapping[str, Any], device: str = "auto", runtime: Mapping[str, Any] | None = None) -> None:
+        self.params = dict(params)
+        self.device = str(device)
+        self.runtime = dict(runtime or {})
+
+    def settings(self) -> dict[str, Any]:
+        return {"params": self.params, "version": 1}
+
+    def process(self, state, shard: ShardInput, inputs):
+        rows = _zip(inputs)
+        out: list[dict[str, Any] | None] = [_carry_failure(r) for r in rows]
+        todo = [i for i, record in enumerate(out) if record is None]
+        batch_size = max(1, int(self.params.get("batch_size", 8)))
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start : start + batch_size]
+            for i, record in zip(batch, self.process_batch(state, [rows[i] for i in batch])):
+                out[i] = record
+        return out, []
+
+    def process_batch(self, state, rows: list[tuple[dict[str, Any], ...]]) -> list[dict[str, Any]]:
+        raise NotImplementedError
+
+
+# ---------------------------------------------------------------------------------------- align
+class AlignStage(ShardStage):
+    """Raw photos -> every face detected (MTCNN) and aligned the Deng et al. way; one manifest row per face or image."""
+
+    name = "aligned_faces"
+    index_columns = ("source_image", "score")
+
+    def __init__(self, params: Mapping[str, Any], device: str = "auto", runtime: Mapping[str, Any] | None = None) -> None:
+        self.params = dict(params)
+        self.device = str(device)
+        self.runtime = dict(runtime or {})
+
+    def settings(self) -> dict[str, Any]:
+        keep = {k: self.params[k] for k in ("detection", "alignment", "max_image_pixels") if k in self.params}
+        return {"params": keep, "version": 1}
+
+    def setup(self):
+        from facedetail.detect.mtcnn import MtcnnFaceDetector
+
+        _set_threads(self.runtime)
+        detection = self.params["detection"]
+        return MtcnnFaceDetector(
+            self.device,
+            min_face_size=float(detection["min_face_size"]),
+            min_probability=float(detection["min_probability"]),
+            max_detection_side=int(detection["max_detection_side"]),
+            stage_thresholds=tuple(detection["stage_thresholds"]),
+        )
+
+    def process(self, detector, shard: ShardInput, inputs):
+        from facedetail.pipelines.data_prep.nodes import _image_row, process_image
+
+        records, report = [], []
+        for partition_id, source_path, stem, *_ in shard.items:
+            try:
+                data = Path(source_path).read_bytes()
+            except OSError as error:  # permissions, broken link, loop, I/O error: a row, never a crash
+                report.append(_image_row(partition_id, source_path, b"", "unreadable", f"{source_path}: {error}"))
+                continue
+            rows, faces = process_image(partition_id, source_path, data, stem, detector, self.params)
+            report.extend(rows)
+            for face in faces:
+                image = np.ascontiguousarray(face["image"], dtype=np.uint8)
+                records.append({
+                    "face_id": face["face_id"], "face_sha256": hashlib.sha256(image.tobytes()).hexdigest(),
+                    "status": OK, "reason": "", "image": image,
+                    "landmarks5": np.asarray(face["landmarks5"], np.float32),
+                    "landmarks5_original": np.asarray(face["landmarks5_original"], np.float32),
+                    "trans_params": np.asarray(face["trans_params"], np.float32),
+                    "bbox": np.asarray(face["bbox"], np.float32), "score": np.float32(face["score"]),
+                    "source_image": str(face["source_image"]), "source_sha256": str(face["source_sha256"]),
+                })
+        return records, report
+
+    def failed(self, shard: ShardInput, reason: str):
+        from facedetail.pipelines.data_prep.nodes import _image_row
+
+        return [], [_image_row(item[0], item[1], b"", "error", reason) for item in shard.items]
+
+
+def image_items(partition_paths: Mapping[str, str], stems: Mapping[str, str]) -> list[tuple[str, str, str, int, int]]:
+    """``(partition id, path, face-id stem, size, mtime_ns)`` per image: the task key sees content changes."""
+    items = []
+    for partition_id, path in partition_paths.items():
+        try:
+            stat = os.stat(path)
+            size, mtime = stat.st_size, stat.st_mtime_ns
+        except OSError:
+            size, mtime = -1, -1
+        items.append((partition_id, str(path), stems[partition_id], size, mtime))
+    return items
+
+
+# ------------------------------------------------------------------------------------ landmarks
+class LandmarkStage(_BatchedStage):
+    """68 iBUG landmarks (MediaPipe -> iBUG-68, or FAN) plus MediaPipe's dense points and blendshapes."""
+
+    name = "face_landmarks"
+
+    def setup(self):
+        from facedetail.detect.landmarks import LandmarkDetector
+
+        _set_threads(self.runtime)
+        return LandmarkDetector(backend=str(self.params.get("backend", "mediapipe")), device=resolve_device(self.device))
+
+    def process_batch(self, detector, rows):
+        crops = np.stack([r[0]["image"] for r in rows])
+        detected = detector.detect(crops)
+        out = []
+        for j, (aligned,) in enumerate(rows):
+            if not bool(detected.found[j]):
+                out.append({**_base(aligned), "status": "no_landmarks", "reason": "the 68-point detector found no face in the crop"})
+                continue
+            record = {**_base(aligned), "landmarks68": np.asarray(detected.landmarks68[j], np.float32)}
+            if detected.dense is not None:
+                record["dense478"] = np.asarray(detected.dense[j], np.float32)
+            if detected.blendshapes is not None:
+                record["blendshapes"] = np.asarray(detected.blendshapes[j], np.float32)
+            out.append(record)
+        return out
+
+
+# ---------------------------------------------------------------------------------------- masks
+class MaskStage(_BatchedStage):
+    """Photometric face mask: BiSeNet when its weights are configured, else landmarks + skin colour model."""
+
+    name = "face_masks"
+    index_columns = ("mask_source",)
+
+    def __init__(self, params, weights: Mapping[str, Any], device: str = "auto", runtime=None) -> None:
+        super().__init__(params, device, runtime)
+        from facedetail.estimate import _optional_path
+
+        path = _optional_path(weights.get("bisenet"))
+        self.bisenet_path = str(path) if path is not None else None
+
+    def settings(self) -> dict[str, Any]:
+        digest = settings_hash(os.stat(self.bisenet_path).st_mtime_ns) if self.bisenet_path else None
+        return {**super().settings(), "bisenet": self.bisenet_path, "bisenet_mtime": digest}
+
+    def setup(self):
+        _set_threads(self.runtime)
+        if self.bisenet_path is None:
+            return None
+        from facedetail.parsing.bisenet import load_bisenet
+
+        return load_bisenet(self.bisenet_path, device=resolve_device(self.device))
+
+    def process_batch(self, parser, rows):
+        from facedetail.estimate import mask_options
+        from facedetail.parsing.skin_mask import face_mask
+
+        out = []
+        for aligned, landmarks in rows:
+            mask, source = face_mask(aligned["image"], landmarks.get("dense478"), parser, **mask_options(self.params))
+            out.append({**_base(aligned), "mask": np.asarray(mask, bool), "mask_source": str(source)})
+        return out
+
+
+# -------------------------------------------------------------------------------------- FaceNet
+class FaceNetStage(_BatchedStage):
+    """FaceNet (Inception-ResNet-v1) identity embedding of each aligned crop."""
+
+    name = "facenet_embeddings"
+
+    def __init__(self, params, weights: Mapping[str, Any], device: str = "auto", runtime=None) -> None:
+        super().__init__(params, device, runtime)
+        self.weights = {"facenet": weights.get("facenet") or None, "facenet_cache": weights.get("facenet_cache")}
+
+    def settings(self) -> dict[str, Any]:
+        return {**super().settings(), "weights": self.weights}
+
+    def setup(self):
+        from facedetail.models.facenet import load_face_embedder
+
+        _set_threads(self.runtime)
+        if not self.params.get("facenet_embeddings", True):
+            return None
+        embedder, _ = load_face_embedder(self.weights["facenet"], self.weights["facenet_cache"], resolve_device(self.device))
+        return embedder
+
+    def process_batch(self, embedder, rows):
+        if embedder is None:
+            return [{**_base(a), "status": "skipped", "reason": "estimation.facenet_embeddings is false"} for (a,) in rows]
+        device = next(embedder.parameters()).device
+        images = torch.from_numpy(np.stack([a["image"] for (a,) in rows])).permute(0, 3, 1, 2).float().div(255).to(device)
+        with torch.no_grad():
+            embeddings = embedder(images).cpu().numpy().astype(np.float32)
+        return [{**_base(a), "facenet_embedding": e} for (a,), e in zip(rows, embeddings)]
+
+
+# --------------------------------------------------------------------------------- coefficients
+class CoefficientStage(_BatchedStage):
+    """3DMM coefficients: analysis-by-synthesis fit (ICT/BFM) or the Deng regressor; cached per face."""
+
+    name = "face_coefficients"
+    index_columns = ("landmark_nme", "fit_loss")
+
+    def __init__(self, params, face_model_params: Mapping[str, Any], weights: Mapping[str, Any], device: str = "auto", runtime=None) -> None:
+        super().__init__(params, device, runtime)
+        from facedetail.estimate import _optional_path
+
+        self.face_model_params = dict(face_model_params)
+        deng = _optional_path(weights.get("deng_regressor"))
+        self.deng_path = str(deng) if deng is not None else None
+
+    def _model_path(self) -> str:
+        kind = str(self.face_model_params.get("kind", "ict")).lower()
+        return str(self.face_model_params.get(f"{kind}_path", ""))
+
+    def settings(self) -> dict[str, Any]:
+        use_regressor = self.face_model_params.get("kind") == "bfm" and self.deng_path and self.params.get("bfm_use_regressor", True)
+        keep = {k: self.params.get(k) for k in ("fitting", "use_blendshape_init", "bfm_use_regressor")}
+        return {"params": keep, "face_model": self.face_model_params.get("kind"), "model_file": settings_hash(self._model_path()),
+                "regressor": self.deng_path if use_regressor else None, "version": 1}
+
+    def setup(self):
+        from facedetail.cache import FaceCache
+        from facedetail.geometry.face_model import load_face_model_from_params
+        from facedetail.models.fitting import FitSettings
+
+        _set_threads(self.runtime)
+        device = resolve_device(self.device)
+        regressor = None
+        if self.settings()["regressor"]:
+            from facedetail.models.deng_regressor import load_deng_regressor
+
+            regressor = load_deng_regressor(self.deng_path, device=device)
+        cache_dir = self.params.get("cache_dir") if self.params.get("cache", True) else None
+        return {
+            "face_model": load_face_model_from_params(self.face_model_params, device),
+            "regressor": regressor,
+            "fit_settings": FitSettings(**dict(self.params.get("fitting", {}))),
+            "cache": FaceCache(cache_dir, self.name, self.settings()) if cache_dir else None,
+        }
+
+    def process_batch(self, state, rows):
+        from facedetail.detect.align import aligned_to_original
+        from facedetail.detect.landmarks import BLENDSHAPE_NAMES
+        from facedetail.estimate import estimate_coefficients
+
+        cache = state["cache"]
+        results: list[dict[str, Any] | None] = [cache.get(r[0]["face_sha256"]) if cache is not None else None for r in rows]
+        todo = [i for i, r in enumerate(results) if r is None]
+        if todo:
+            crops = np.stack([rows[i][0]["image"] for i in todo])
+            landmarks = np.stack([rows[i][1]["landmarks68"] for i in todo])
+            masks = np.stack([rows[i][2]["mask"] for i in todo])
+            blendshapes = None
+            if self.params.get("use_blendshape_init", False) and all("blendshapes" in rows[i][1] for i in todo):
+                blendshapes = (list(BLENDSHAPE_NAMES), np.stack([rows[i][1]["blendshapes"] for i in todo]))
+            fit = estimate_coefficients(state["face_model"], crops, landmarks, masks, state["fit_settings"],
+                                        regressor=state["regressor"], blendshapes=blendshapes)
+            nan = np.full(len(todo), np.nan)
+            for j, i in enumerate(todo):
+                ok, jpeg = cv2.imencode(".jpg", np.ascontiguousarray(fit["overlays"][j][..., ::-1]), [cv2.IMWRITE_JPEG_QUALITY, 85])
+                results[i] = {
+                    "coefficients": np.asarray(fit["coefficients"][j], np.float32),
+                    "fitted_landmarks68": np.asarray(fit["fitted_landmarks68"][j], np.float32),
+                    "landmark_nme": np.float32(fit["losses"].get("landmark_nme", nan)[j]),
+                    "fit_loss": np.float32(fit["losses"].get("total", nan)[j]),
+                    "overlay_jpeg": jpeg.reshape(-1) if ok else np.zeros(0, np.uint8),
+                }
+                if cache is not None:
+                    cache.put(rows[i][0]["face_sha256"], results[i])
+        out = []
+        for (aligned, *_), result in zip(rows, results):
+            original = aligned_to_original(result["fitted_landmarks68"], aligned["trans_params"], aligned["image"].shape[0])
+            out.append({**_base(aligned), **result, "fitted_landmarks68_original": np.asarray(original, np.float32)})
+        return out
+
+
+# ------------------------------------------------------------------------------------- UV maps
+class UVMapStage(_BatchedStage):
+    """Expression map (B·β baked into UV) and the photo unwrapped into UV with its visibility."""
+
+    name = "uv_maps"
+
+    def __init__(self, params, face_model_params: Mapping[str, Any], device: str = "auto", runtime=None) -> None:
+        super().__init__(params, device, runtime)
+        self.face_model_params = dict(face_model_params)
+
+    def settings(self) -> dict[str, Any]:
+        kind = str(self.face_model_params.get("kind", "ict")).lower()
+        return {**super().settings(), "face_model": kind, "model_file": settings_hash(str(self.face_model_params.get(f"{kind}_path")))}
+
+    def setup(self):
+        from facedetail.geometry.face_model import load_face_model_from_params
+
+        _set_threads(self.runtime)
+        return load_face_model_from_params(self.face_model_params, resolve_device(self.device))
+
+    def process_batch(self, face_model, rows):
+        from facedetail.geometry.face_uv import stored_uv_maps
+
+        images = np.stack([a["image"] for a, _ in rows])
+        coefficients = np.stack([c["coefficients"] for _, c in rows])
+        maps = stored_uv_maps(face_model, coefficients, images, int(self.params["uv_size"]), self.params.get("backend", "auto"))
+        return [
+            {**_base(a), "expression_map": maps["expression_maps"][j], "uv_texture": maps["uv_textures"][j],
+             "texture_valid": maps["texture_valid"][j], "expression_valid": maps["expression_valid"]}
+            for j, (a, _) in enumerate(rows)
+        ]
