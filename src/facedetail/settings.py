@@ -28,3 +28,8 @@ CONFIG_LOADER_ARGS = {
         "mlflow": ["mlflow*", "mlflow*/**", "**/mlflow*"],
     },
 }
+
+from facedetail.hooks import DatasetLineageHooks, ExecutionHooks  # noqa: E402
+
+# kedro-mlflow registers its own hooks through its plugin entry point.
+HOOKS = (DatasetLineageHooks(), ExecutionHooks())

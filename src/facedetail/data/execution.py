@@ -99,12 +99,10 @@ def make_executor(settings: Mapping[str, Any]) -> Executor:
     if scheduler == "local":
         n_workers = settings.get("n_workers") or os.cpu_count() or 1
         threads = int(settings.get("threads_per_worker", 1))
-        # Workers inherit the environment: one torch/OpenMP thread each, passive waits.
-        for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-            os.environ.setdefault(name, str(threads))
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        # Each worker process: `threads` torch/OpenMP threads, passive waits (set before torch starts there).
+        env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": "PASSIVE"}
         cluster = LocalCluster(n_workers=int(n_workers), threads_per_worker=threads, processes=True,
-                               dashboard_address=None, silence_logs=logging.WARNING)
+                               dashboard_address=None, silence_logs=logging.ERROR, env=env)
         logger.info("started a local Dask cluster: %d worker process(es) x %d thread(s)", n_workers, threads)
         return DaskExecutor(Client(cluster), cluster, retries)
     try:
@@ -139,10 +137,11 @@ def run_face_stage(stage: ShardStage, shards: list[ShardInput], settings: Mappin
     """Run a shard stage with the run's executor (see :func:`get_executor`); ``(FaceShards, report rows)``."""
     from facedetail.data.stages import run_stage
 
-    return run_stage(stage, shards, settings.get("work_dir", "data/02_intermediate/shard_work"), get_executor(settings), meta)
+    def executor(todo: int) -> Executor:
+        # A local cluster costs seconds to start and its workers load their own models: not for one shard.
+        if todo < 2 and str(settings.get("scheduler", "local")) == "local":
+            return get_executor({**settings, "scheduler": "synchronous"})
+        return get_executor(settings)
 
+    return run_stage(stage, shards, settings.get("work_dir", "data/02_intermediate/shard_work"), executor, meta)
 
-def stage_runtime(settings: Mapping[str, Any]) -> dict[str, Any]:
-    """Per-process settings of stage workers (torch threads; none when tasks run in the calling process)."""
-    scheduler = str(settings.get("scheduler", "local"))
-    return {} if scheduler == "synchronous" else {"torch_threads": int(settings.get("threads_per_worker", 1))}

@@ -59,19 +59,12 @@ def _base(record: Mapping[str, Any]) -> dict[str, Any]:
     return {"face_id": record["face_id"], "face_sha256": record.get("face_sha256", ""), "status": OK, "reason": ""}
 
 
-def _set_threads(settings: Mapping[str, Any]) -> None:
-    threads = settings.get("torch_threads")
-    if threads:
-        torch.set_num_threads(int(threads))
-
-
 class _BatchedStage(ShardStage):
     """A stage that processes the faces still ok in all its inputs, ``batch_size`` at a time."""
 
-    def __init__(self, params: Mapping[str, Any], device: str = "auto", runtime: Mapping[str, Any] | None = None) -> None:
+    def __init__(self, params: Mapping[str, Any], device: str = "auto") -> None:
         self.params = dict(params)
         self.device = str(device)
-        self.runtime = dict(runtime or {})
 
     def settings(self) -> dict[str, Any]:
         return {"params": self.params, "version": 1}
@@ -98,10 +91,9 @@ class AlignStage(ShardStage):
     name = "aligned_faces"
     index_columns = ("source_image", "score")
 
-    def __init__(self, params: Mapping[str, Any], device: str = "auto", runtime: Mapping[str, Any] | None = None) -> None:
+    def __init__(self, params: Mapping[str, Any], device: str = "auto") -> None:
         self.params = dict(params)
         self.device = str(device)
-        self.runtime = dict(runtime or {})
 
     def settings(self) -> dict[str, Any]:
         keep = {k: self.params[k] for k in ("detection", "alignment", "max_image_pixels") if k in self.params}
@@ -110,7 +102,6 @@ class AlignStage(ShardStage):
     def setup(self):
         from facedetail.detect.mtcnn import MtcnnFaceDetector
 
-        _set_threads(self.runtime)
         detection = self.params["detection"]
         return MtcnnFaceDetector(
             self.device,
@@ -173,7 +164,6 @@ class LandmarkStage(_BatchedStage):
     def setup(self):
         from facedetail.detect.landmarks import LandmarkDetector
 
-        _set_threads(self.runtime)
         return LandmarkDetector(backend=str(self.params.get("backend", "mediapipe")), device=resolve_device(self.device))
 
     def process_batch(self, detector, rows):
@@ -200,8 +190,8 @@ class MaskStage(_BatchedStage):
     name = "face_masks"
     index_columns = ("mask_source",)
 
-    def __init__(self, params, weights: Mapping[str, Any], device: str = "auto", runtime=None) -> None:
-        super().__init__(params, device, runtime)
+    def __init__(self, params, weights: Mapping[str, Any], device: str = "auto") -> None:
+        super().__init__(params, device)
         from facedetail.estimate import _optional_path
 
         path = _optional_path(weights.get("bisenet"))
@@ -212,7 +202,6 @@ class MaskStage(_BatchedStage):
         return {**super().settings(), "bisenet": self.bisenet_path, "bisenet_mtime": digest}
 
     def setup(self):
-        _set_threads(self.runtime)
         if self.bisenet_path is None:
             return None
         from facedetail.parsing.bisenet import load_bisenet
@@ -236,8 +225,8 @@ class FaceNetStage(_BatchedStage):
 
     name = "facenet_embeddings"
 
-    def __init__(self, params, weights: Mapping[str, Any], device: str = "auto", runtime=None) -> None:
-        super().__init__(params, device, runtime)
+    def __init__(self, params, weights: Mapping[str, Any], device: str = "auto") -> None:
+        super().__init__(params, device)
         self.weights = {"facenet": weights.get("facenet") or None, "facenet_cache": weights.get("facenet_cache")}
 
     def settings(self) -> dict[str, Any]:
@@ -246,7 +235,6 @@ class FaceNetStage(_BatchedStage):
     def setup(self):
         from facedetail.models.facenet import load_face_embedder
 
-        _set_threads(self.runtime)
         if not self.params.get("facenet_embeddings", True):
             return None
         embedder, _ = load_face_embedder(self.weights["facenet"], self.weights["facenet_cache"], resolve_device(self.device))
@@ -269,8 +257,8 @@ class CoefficientStage(_BatchedStage):
     name = "face_coefficients"
     index_columns = ("landmark_nme", "fit_loss")
 
-    def __init__(self, params, face_model_params: Mapping[str, Any], weights: Mapping[str, Any], device: str = "auto", runtime=None) -> None:
-        super().__init__(params, device, runtime)
+    def __init__(self, params, face_model_params: Mapping[str, Any], weights: Mapping[str, Any], device: str = "auto") -> None:
+        super().__init__(params, device)
         from facedetail.estimate import _optional_path
 
         self.face_model_params = dict(face_model_params)
@@ -292,7 +280,6 @@ class CoefficientStage(_BatchedStage):
         from facedetail.geometry.face_model import load_face_model_from_params
         from facedetail.models.fitting import FitSettings
 
-        _set_threads(self.runtime)
         device = resolve_device(self.device)
         regressor = None
         if self.settings()["regressor"]:
@@ -349,8 +336,8 @@ class UVMapStage(_BatchedStage):
 
     name = "uv_maps"
 
-    def __init__(self, params, face_model_params: Mapping[str, Any], device: str = "auto", runtime=None) -> None:
-        super().__init__(params, device, runtime)
+    def __init__(self, params, face_model_params: Mapping[str, Any], device: str = "auto") -> None:
+        super().__init__(params, device)
         self.face_model_params = dict(face_model_params)
 
     def settings(self) -> dict[str, Any]:
@@ -360,7 +347,6 @@ class UVMapStage(_BatchedStage):
     def setup(self):
         from facedetail.geometry.face_model import load_face_model_from_params
 
-        _set_threads(self.runtime)
         return load_face_model_from_params(self.face_model_params, resolve_device(self.device))
 
     def process_batch(self, face_model, rows):

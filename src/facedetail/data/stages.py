@@ -122,19 +122,36 @@ def task_key(stage: ShardStage, shard: ShardInput) -> str:
     return settings_hash({"stage": stage.key, "inputs": list(shard.sha256), "items": [str(i) for i in shard.items]})
 
 
+def _task_paths(stage: ShardStage, shard: ShardInput, work_dir: str) -> tuple[Path, Path]:
+    folder = Path(work_dir) / stage.name
+    key = task_key(stage, shard)
+    return folder / f"{key}.tar", folder / f"{key}.json"
+
+
+def finished_task(stage: ShardStage, shard: ShardInput, work_dir: str) -> ShardOutput | None:
+    """The stored result of this task when it exists and its shard matches its recorded hash, else None.
+
+    A shard that fails its hash (corrupt, truncated, replaced) is reported and recomputed.
+    """
+    path, record_path = _task_paths(stage, shard, work_dir)
+    if not (path.is_file() and record_path.is_file()):
+        return None
+    try:
+        record = json.loads(record_path.read_text())
+        if file_sha256(path) == record["sha256"]:
+            return ShardOutput(shard.number, str(path), record["sha256"], record["rows"], record.get("report", []), skipped=True)
+        logger.warning("%s: shard %d in %s does not match its hash; recomputing", stage.name, shard.number, path)
+    except (OSError, ValueError, KeyError):
+        logger.warning("%s: unreadable task record %s; recomputing", stage.name, record_path)
+    return None
+
+
 def run_shard_task(stage: ShardStage, shard: ShardInput, work_dir: str) -> ShardOutput:
     """Run (or reuse) one shard of a stage. Safe to run on any worker; never raises for bad data."""
-    key = task_key(stage, shard)
-    folder = Path(work_dir) / stage.name
-    path, record_path = folder / f"{key}.tar", folder / f"{key}.json"
-    if path.is_file() and record_path.is_file():
-        try:
-            record = json.loads(record_path.read_text())
-            if file_sha256(path) == record["sha256"]:
-                return ShardOutput(shard.number, str(path), record["sha256"], record["rows"], record.get("report", []), skipped=True)
-            logger.warning("%s: shard %d in %s does not match its hash; recomputing", stage.name, shard.number, path)
-        except (OSError, ValueError, KeyError):
-            logger.warning("%s: unreadable task record %s; recomputing", stage.name, record_path)
+    done = finished_task(stage, shard, work_dir)
+    if done is not None:
+        return done
+    path, record_path = _task_paths(stage, shard, work_dir)
     try:
         from facedetail.data.shards import read_shard
 
@@ -180,16 +197,26 @@ def run_stage(
     stage: ShardStage,
     shards: Sequence[ShardInput],
     work_dir: str | os.PathLike,
-    executor: "Executor",
+    executor: Callable[[int], "Executor"],
     meta: Mapping[str, Any] | None = None,
 ) -> tuple[FaceShards, pd.DataFrame]:
-    """Run ``stage`` over every shard on ``executor``; returns its dataset handle and its report rows.
+    """Run ``stage`` over every shard; returns its dataset handle and its report rows.
 
-    Progress (shards and faces done) is shown as tasks finish, in whatever order.
+    Shards whose task already finished (same inputs, same settings) are reused; the rest go to
+    ``executor(number of shards to compute)``, which picks where they run. Progress (shards and
+    faces done) is shown as tasks finish, in whatever order.
     """
     outputs: dict[int, ShardOutput] = {}
-    for output in executor.map_shards(stage, list(shards), str(work_dir)):
-        outputs[output.number] = output
+    todo = []
+    for shard in shards:  # finished shards are taken here, without a round trip to the workers
+        done = finished_task(stage, shard, str(work_dir))
+        if done is not None:
+            outputs[shard.number] = done
+        else:
+            todo.append(shard)
+    if todo:
+        for output in executor(len(todo)).map_shards(stage, todo, str(work_dir)):
+            outputs[output.number] = output
     ordered = [outputs[k] for k in sorted(outputs)]
     index = index_frame([row for o in ordered for row in o.rows])
     report = pd.DataFrame([row for o in ordered for row in o.report])

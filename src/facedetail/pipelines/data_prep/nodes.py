@@ -15,7 +15,7 @@ import pandas as pd
 from PIL import Image
 from tqdm.auto import tqdm
 
-from facedetail.data.execution import run_face_stage, stage_runtime
+from facedetail.data.execution import run_face_stage
 from facedetail.data.face_stages import AlignStage, image_items
 from facedetail.data.shards import FaceShards
 from facedetail.data.stages import ShardInput
@@ -201,7 +201,7 @@ def detect_and_align_faces(
     items = image_items({pid: _source_path(pid, loader) for pid, loader in images.items()}, stems)
     size = max(1, int(params.get("shard_size", 256)))
     shards = [ShardInput(number=k, items=tuple(items[start : start + size])) for k, start in enumerate(range(0, len(items), size))]
-    stage = AlignStage(params, device, stage_runtime(execution))
+    stage = AlignStage(params, device)
     aligned, report = run_face_stage(stage, shards, execution, meta={"crop_size": int(params["alignment"]["crop_size"])})
     manifest = pd.DataFrame(report.to_dict("records") if len(report) else [], columns=MANIFEST_COLUMNS)
     manifest = manifest.replace({None: pd.NA}) if len(manifest) else manifest

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from facedetail.data.execution import run_face_stage, stage_runtime
+from facedetail.data.execution import run_face_stage
 from facedetail.data.face_stages import CoefficientStage, FaceNetStage, LandmarkStage, MaskStage
 from facedetail.data.shards import FaceShards
 from facedetail.data.stages import shard_inputs
@@ -36,7 +36,7 @@ def _counts(stage: str, data: FaceShards) -> dict[str, dict[str, float]]:
 def detect_landmarks(aligned_faces: FaceShards, estimation: dict[str, Any], device: str, execution: dict[str, Any]) -> FaceShards:
     """68 iBUG landmarks of every aligned face (``estimation.landmarks.backend``: MediaPipe or FAN)."""
     params = {"backend": estimation.get("landmarks", {}).get("backend", "mediapipe"), "batch_size": estimation.get("batch_size", 8)}
-    stage = LandmarkStage(params, device, stage_runtime(execution))
+    stage = LandmarkStage(params, device)
     landmarks, _ = run_face_stage(stage, shard_inputs([aligned_faces]), execution)
     return landmarks
 
@@ -47,7 +47,7 @@ def make_face_masks(
 ) -> FaceShards:
     """Photometric mask of every face: BiSeNet when ``weights.bisenet`` exists, else landmarks + skin colour."""
     params = {**estimation.get("masks", {}), "batch_size": estimation.get("batch_size", 8)}
-    stage = MaskStage(params, weights, device, stage_runtime(execution))
+    stage = MaskStage(params, weights, device)
     masks, _ = run_face_stage(stage, shard_inputs([aligned_faces, face_landmarks]), execution)
     if mlflow.active_run() is not None:
         mlflow.set_tag("estimation.source.mask", "bisenet" if stage.bisenet_path else "landmarks+skin_gmm")
@@ -57,7 +57,7 @@ def make_face_masks(
 def embed_faces(aligned_faces: FaceShards, estimation: dict[str, Any], weights: dict[str, Any], device: str, execution: dict[str, Any]) -> FaceShards:
     """FaceNet identity embedding of every aligned face."""
     params = {"facenet_embeddings": estimation.get("facenet_embeddings", True), "batch_size": estimation.get("batch_size", 8)}
-    stage = FaceNetStage(params, weights, device, stage_runtime(execution))
+    stage = FaceNetStage(params, weights, device)
     embeddings, _ = run_face_stage(stage, shard_inputs([aligned_faces]), execution)
     return embeddings
 
@@ -73,7 +73,7 @@ def fit_face_coefficients(
     """
     params = {k: estimation.get(k) for k in ("fitting", "use_blendshape_init", "bfm_use_regressor", "cache", "cache_dir")}
     params["batch_size"] = estimation.get("fit_batch_size", estimation.get("batch_size", 8))
-    stage = CoefficientStage(params, face_model, weights, device, stage_runtime(execution))
+    stage = CoefficientStage(params, face_model, weights, device)
     coefficients, _ = run_face_stage(stage, shard_inputs([aligned_faces, face_landmarks, face_masks]), execution,
                                      meta={"face_model_kind": face_model.get("kind", "ict")})
     report = coefficients.index.merge(face_masks.index[["face_id", "mask_source"]], on="face_id", how="left")

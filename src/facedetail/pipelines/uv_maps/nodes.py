@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from facedetail.data.execution import run_face_stage, stage_runtime
+from facedetail.data.execution import run_face_stage
 from facedetail.data.face_stages import UVMapStage
 from facedetail.data.shards import FaceShards
 from facedetail.data.stages import shard_inputs
@@ -25,7 +25,7 @@ def build_uv_maps(
     Records: ``expression_map`` (3,S,S) float16 model units, ``uv_texture`` (3,S,S) uint8,
     ``texture_valid`` (1,S,S) bool, ``expression_valid`` (S,S) bool.
     """
-    stage = UVMapStage(dict(uv_params), face_model_params, device, stage_runtime(execution))
+    stage = UVMapStage(dict(uv_params), face_model_params, device)
     uv_maps, _ = run_face_stage(stage, shard_inputs([aligned_faces, face_coefficients]), execution, meta={"uv_size": int(uv_params["uv_size"])})
     logger.info("uv maps: %d/%d faces at %dx%d", len(uv_maps.ok()), len(uv_maps), int(uv_params["uv_size"]), int(uv_params["uv_size"]))
     return uv_maps

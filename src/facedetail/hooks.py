@@ -1,0 +1,117 @@
+"""Kedro hooks of the project: dataset lineage in MLflow, and the run's Dask cluster lifecycle.
+
+* :class:`DatasetLineageHooks` records every catalog dataset a run reads or writes as an MLflow
+  dataset input of the active run (name, Kedro version, content digest, face count, role), so
+  the MLflow UI shows which versions of which intermediates a run used and produced.
+* :class:`ExecutionHooks` stops the Dask cluster (and drops the models loaded for in-process
+  stages) when a run ends, successfully or not.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+from kedro.framework.hooks import hook_impl
+
+logger = logging.getLogger(__name__)
+
+
+def dataset_digest(data: Any) -> tuple[str, int | None] | None:
+    """``(content digest, face count)`` of a catalog value worth tracking, else None.
+
+    Sharded datasets hash their shard hashes (cheap: no shard is read); tables hash their rows.
+    """
+    from facedetail.data.shards import FaceShards
+
+    if isinstance(data, FaceShards):
+        digest = hashlib.sha256("".join(data.shard_sha256).encode()).hexdigest()[:16]
+        return digest, int(len(data.ok()))
+    try:
+        import pandas as pd
+
+        if isinstance(data, pd.DataFrame):
+            values = pd.util.hash_pandas_object(data.astype(str), index=False).values
+            faces = int((data["status"] == "ok").sum()) if "status" in data.columns and "face_id" in data.columns else None
+            return hashlib.sha256(values.tobytes()).hexdigest()[:16], faces
+    except Exception:  # noqa: BLE001 - lineage is informative, never fatal
+        return None
+    if isinstance(data, dict) and "generator" in data:  # the detail checkpoint
+        blob = repr(sorted((k, tuple(v.shape)) for k, v in data["generator"].items())) + str(data.get("step"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:16], None
+    return None
+
+
+class DatasetLineageHooks:
+    """Log each dataset a run loads or saves as an MLflow dataset input (``role`` tag: input/output)."""
+
+    def __init__(self) -> None:
+        self._catalog = None
+        self._logged: set[tuple[str, str]] = set()
+
+    @hook_impl
+    def before_pipeline_run(self, run_params: dict[str, Any], pipeline: Any, catalog: Any) -> None:
+        self._catalog = catalog
+        self._logged.clear()
+
+    def _version(self, name: str, role: str) -> str:
+        try:
+            dataset = self._catalog.get(name) if self._catalog is not None else None
+            if dataset is None or not hasattr(dataset, "resolve_load_version"):
+                return ""
+            version = dataset.resolve_save_version() if role == "output" else dataset.resolve_load_version()
+            return str(version or "")
+        except Exception:  # noqa: BLE001
+            return ""
+
+    def _log(self, name: str, data: Any, role: str) -> None:
+        import mlflow
+
+        if mlflow.active_run() is None or name.startswith("params:") or name == "parameters" or (name, role) in self._logged:
+            return
+        facts = dataset_digest(data)
+        if facts is None:
+            return
+        digest, faces = facts
+        try:
+            from mlflow.data.dataset_source_registry import resolve_dataset_source
+            from mlflow.data.meta_dataset import MetaDataset
+
+            dataset = self._catalog.get(name) if self._catalog is not None else None
+            uri = str(Path(str(getattr(dataset, "_filepath", name))).resolve())
+            tags = {"role": role, "kedro.version": self._version(name, role), "kedro.dataset": name}
+            if faces is not None:
+                tags["faces"] = str(faces)
+            with warnings.catch_warnings():  # mlflow probes every source kind (Delta, HF...) and warns
+                warnings.simplefilter("ignore")
+                source = resolve_dataset_source(uri)
+            mlflow.log_input(MetaDataset(source, name=name, digest=digest), context=role, tags=tags)
+            self._logged.add((name, role))
+        except Exception as error:  # noqa: BLE001 - lineage must never fail a run
+            logger.warning("could not log dataset %s to MLflow: %s", name, error)
+
+    @hook_impl
+    def after_dataset_loaded(self, dataset_name: str, data: Any, node: Any) -> None:
+        self._log(dataset_name, data, "input")
+
+    @hook_impl
+    def after_dataset_saved(self, dataset_name: str, data: Any, node: Any) -> None:
+        self._log(dataset_name, data, "output")
+
+
+class ExecutionHooks:
+    """Stop the run's Dask cluster when the run ends."""
+
+    @hook_impl
+    def after_pipeline_run(self) -> None:
+        from facedetail.data.execution import close_executors
+
+        close_executors()
+
+    @hook_impl
+    def on_pipeline_error(self) -> None:
+        from facedetail.data.execution import close_executors
+
+        close_executors()
