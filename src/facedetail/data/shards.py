@@ -148,6 +148,8 @@ def iter_shard(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
                 name, _, ext = rest.rpartition(".")
                 handle = tar.extractfile(member)
                 data = handle.read() if handle is not None else b""
+                if len(data) != member.size:
+                    raise EOFError(f"member {member.name} is truncated ({len(data)} of {member.size} bytes)")
                 if current is None or current["__key__"] != key:
                     if current is not None:
                         yield current
