@@ -85,11 +85,61 @@ def write_sample(folder: str | Path = DEFAULT_FOLDER) -> list[Path]:
     return written
 
 
+def augmented(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """One random variant of a photo: maybe mirrored, cropped 80-100 %, rotated +-10 degrees and scaled
+    0.9-1.1, colour-jittered (brightness, contrast, saturation, per-channel gain)."""
+    if rng.random() < 0.5:
+        image = np.ascontiguousarray(image[:, ::-1])
+    height, width = image.shape[:2]
+    keep = rng.uniform(0.8, 1.0)
+    crop_h, crop_w = max(16, int(height * keep)), max(16, int(width * keep))
+    top, left = int(rng.integers(0, height - crop_h + 1)), int(rng.integers(0, width - crop_w + 1))
+    image = _rotated(image[top : top + crop_h, left : left + crop_w], float(rng.uniform(-10, 10)), float(rng.uniform(0.9, 1.1)))
+    values = image.astype(np.float32) / 255.0
+    gray = values.mean(axis=2, keepdims=True)
+    values = gray + rng.uniform(0.7, 1.3) * (values - gray)                      # saturation
+    values = (values - 0.5) * rng.uniform(0.8, 1.2) + 0.5 + rng.uniform(-0.08, 0.08)  # contrast, brightness
+    values = values * rng.uniform(0.92, 1.08, size=3).astype(np.float32)         # white balance
+    return np.round(np.clip(values, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def write_augmented_folder(sources: list[str | Path], folder: str | Path, count: int, seed: int = 0) -> list[Path]:
+    """Write ``count`` augmented JPEGs made from the photos found (recursively) under ``sources``.
+
+    Used by ``benchmarks/scale.py`` to build face folders of growing size from a few real photos.
+    Photo ``i`` is a variant of source ``i mod n`` with its own seeded randomness, so a folder of
+    ``count`` photos is the first ``count`` photos of any larger one.
+    """
+    files = sorted(p for s in sources for p in Path(s).rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    if not files:
+        raise FileNotFoundError(f"no .jpg/.png photos under {', '.join(str(s) for s in sources)}")
+    images = [np.asarray(Image.open(f).convert("RGB")) for f in files]
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for i in range(count):
+        rng = np.random.default_rng([seed, i])
+        path = folder / f"aug_{i:06d}_{files[i % len(files)].stem}.jpg"
+        if not path.exists():
+            Image.fromarray(augmented(images[i % len(images)], rng)).save(path, format="JPEG", quality=90)
+        written.append(path)
+    return written
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Command line: ``python -m facedetail.sample_data [--folder data/01_raw/faces]``."""
+    """Command line: ``python -m facedetail.sample_data [--folder data/01_raw/faces]``, or
+    ``python -m facedetail.sample_data --folder OUT --augment-from DIR [DIR ...] --count N`` for a
+    folder of N augmented photos."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--folder", default=str(DEFAULT_FOLDER), help="where to write the images")
+    parser.add_argument("--augment-from", nargs="+", default=None, help="make --count augmented photos from these folders")
+    parser.add_argument("--count", type=int, default=640, help="number of augmented photos")
+    parser.add_argument("--seed", type=int, default=0)
     arguments = parser.parse_args(argv)
+    if arguments.augment_from:
+        written = write_augmented_folder(arguments.augment_from, arguments.folder, arguments.count, arguments.seed)
+        print(f"{len(written)} augmented photos in {arguments.folder}")
+        return
     for path in write_sample(arguments.folder):
         print(f"{path} ({path.stat().st_size // 1024} KB)")
 
