@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -206,6 +207,7 @@ def run_stage(
     ``executor(number of shards to compute)``, which picks where they run. Progress (shards and
     faces done) is shown as tasks finish, in whatever order.
     """
+    tic = time.perf_counter()
     outputs: dict[int, ShardOutput] = {}
     todo = []
     for shard in shards:  # finished shards are taken here, without a round trip to the workers
@@ -221,9 +223,13 @@ def run_stage(
     index = index_frame([row for o in ordered for row in o.rows])
     report = pd.DataFrame([row for o in ordered for row in o.report])
     skipped = sum(o.skipped for o in ordered)
-    logger.info("%s: %d shard(s), %d face(s), %d shard(s) reused", stage.name, len(ordered), len(index), skipped)
+    seconds = time.perf_counter() - tic
+    computed_faces = sum(o.faces for o in ordered if not o.skipped)
+    logger.info("%s: %d shard(s), %d face(s), %d shard(s) reused, %.1f s (%.2f faces/s computed)", stage.name, len(ordered),
+                len(index), skipped, seconds, computed_faces / max(seconds, 1e-9))
+    timing = {"seconds": round(seconds, 3), "faces_computed": computed_faces, "faces_per_second": round(computed_faces / max(seconds, 1e-9), 3)}
     data = FaceShards([Path(o.path) for o in ordered], index, [o.sha256 for o in ordered],
-                      {"stage": stage.name, "settings_key": stage.key, "shards_reused": skipped, **dict(meta or {})})
+                      {"stage": stage.name, "settings_key": stage.key, "shards_reused": skipped, **timing, **dict(meta or {})})
     return data, report
 
 
