@@ -26,20 +26,31 @@ from facedetail.viz_check import (
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCREENSHOT = REPO_ROOT / "data" / "08_reporting" / "viz" / "kedro_viz_train.png"
-#: Nodes of the stages that `train` chains and that exist today (evaluate/inference are not assumed).
-TRAIN_TASKS = {"detect_and_align_faces", "estimate_faces", "build_uv_maps", "train_detail_generator"}
-TRAIN_DATASETS = {"raw_faces", "aligned_faces", "face_manifest", "face_estimates", "uv_maps", "detail_model"}
-#: The data flow raw photo → aligned crop → estimates → UV maps → detail model, as edges.
+#: Nodes of the stages that `train` chains: one node per step of the design card's chain.
+TRAIN_TASKS = {"detect_and_align_faces", "detect_landmarks", "make_face_masks", "embed_faces", "fit_face_coefficients",
+               "build_uv_maps", "train_detail_generator"}
+TRAIN_DATASETS = {"raw_faces", "aligned_faces", "face_manifest", "face_landmarks", "face_masks", "facenet_embeddings",
+                  "face_coefficients", "uv_maps", "detail_model"}
+#: The data flow raw photo → aligned crop → landmarks → masks → coefficients → UV maps → detail model, as edges.
 TRAIN_FLOW = {
     ("raw_faces", "detect_and_align_faces"),
     ("detect_and_align_faces", "aligned_faces"),
-    ("aligned_faces", "estimate_faces"),
-    ("estimate_faces", "face_estimates"),
-    ("face_estimates", "build_uv_maps"),
+    ("aligned_faces", "detect_landmarks"),
+    ("detect_landmarks", "face_landmarks"),
+    ("face_landmarks", "make_face_masks"),
+    ("make_face_masks", "face_masks"),
+    ("aligned_faces", "embed_faces"),
+    ("embed_faces", "facenet_embeddings"),
+    ("face_masks", "fit_face_coefficients"),
+    ("fit_face_coefficients", "face_coefficients"),
+    ("face_coefficients", "build_uv_maps"),
     ("build_uv_maps", "uv_maps"),
     ("uv_maps", "train_detail_generator"),
     ("train_detail_generator", "detail_model"),
 }
+#: Kedro-Viz layers of the per-face datasets (the Layers view).
+LAYERS = {"raw_faces": "raw", "aligned_faces": "primary", "face_landmarks": "feature", "face_masks": "feature",
+          "face_coefficients": "feature", "uv_maps": "model_input"}
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +74,14 @@ def test_build_leaves_repository_clean_and_writes_site(viz_site):
     assert viz_site.parent.parent != REPO_ROOT and REPO_ROOT not in viz_site.parents
     for name in ("main", "pipelines/train", "pipelines/__default__", "version"):
         assert (viz_site / "api" / name).is_file(), name
+
+
+def test_export_has_layers_for_the_layers_view(viz_site):
+    graph = json.loads((viz_site / "api" / "pipelines" / "train").read_text())
+    layer_of = {node["name"]: node.get("layer") for node in graph["nodes"]}
+    for name, layer in LAYERS.items():
+        assert layer_of.get(name) == layer, name
+    assert {"raw", "primary", "feature", "model_input"} <= set(graph.get("layers", []))
 
 
 def test_export_holds_train_pipeline_as_registered(viz_site, registered_train):
