@@ -84,14 +84,17 @@ class _Double(ShardStage):
     name = "double"
     index_columns = ("score",)
 
-    def __init__(self, fail: tuple[str, ...] = (), sleep: float = 0.0) -> None:
-        self.fail, self.sleep = fail, sleep
+    def __init__(self, fail: tuple[str, ...] = (), sleep: float = 0.0, die_once: str | None = None) -> None:
+        self.fail, self.sleep, self.die_once = fail, sleep, die_once
 
     def setup(self):
         return {"pid": os.getpid()}
 
     def process(self, state, shard, inputs):
         time.sleep(self.sleep)
+        if self.die_once and shard.number == 1 and not os.path.exists(self.die_once):
+            Path(self.die_once).write_text(str(os.getpid()))
+            os._exit(1)  # the worker process dies mid-task
         out = []
         for (face,) in zip_shard_records(*inputs):
             if face["face_id"] in self.fail:
@@ -193,20 +196,22 @@ def test_killed_stage_resumes_at_shard_granularity(tmp_path):
 
 
 @pytest.mark.slow
-def test_local_dask_cluster_gives_the_same_shards_as_in_process(tmp_path):
+def test_local_dask_cluster_gives_the_same_shards_and_survives_a_dying_worker(tmp_path):
     import cloudpickle
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import this test module
     source = _source(tmp_path, shards=4)
     expected, _ = run_stage(_Double(), shard_inputs([source]), tmp_path / "a", lambda n: SynchronousExecutor())
     executor = make_executor({"scheduler": "local", "n_workers": 2, "threads_per_worker": 1})
+    marker = tmp_path / "died"
     try:
-        result, _ = run_stage(_Double(), shard_inputs([source]), tmp_path / "b", lambda n: executor)
+        result, _ = run_stage(_Double(die_once=str(marker)), shard_inputs([source]), tmp_path / "b", lambda n: executor)
         pids = {executor.client.run(os.getpid)[w] for w in executor.client.scheduler_info()["workers"]}
     finally:
         executor.close()
-    assert result.shard_sha256 == expected.shard_sha256
-    assert os.getpid() not in pids and len(pids) == 2
+    assert result.shard_sha256 == expected.shard_sha256  # the task of the worker that died was run again
+    assert marker.is_file() and int(marker.read_text()) != os.getpid()
+    assert pids and os.getpid() not in pids
 
 
 def test_unreachable_scheduler_is_one_clear_error():
