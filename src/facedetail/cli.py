@@ -240,7 +240,22 @@ def _setup(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any], Pa
         if args.export_size < 8:
             raise CliError(f"--export-size must be >= 8 texels, got {args.export_size}")
         params["inference"] = {**(params.get("inference") or {}), "export_size": int(args.export_size)}
+    _validate(params)
     return params, mlflow_config, root
+
+
+def _validate(params: dict[str, Any]) -> None:
+    """Check the parameters (with the command-line overrides) against ``facedetail.config``'s schemas.
+
+    Raises:
+        CliError: every problem, in one line (exit status 2).
+    """
+    from facedetail.config import ParameterError, validate_parameters
+
+    try:
+        validate_parameters(params)
+    except ParameterError as error:
+        raise CliError(f"{error} (fix them in conf/ or with the matching option)") from error
 
 
 def _extensions(params: dict[str, Any]) -> list[str]:

@@ -28,3 +28,8 @@ CONFIG_LOADER_ARGS = {
         "mlflow": ["mlflow*", "mlflow*/**", "**/mlflow*"],
     },
 }
+
+from facedetail.hooks import ValidateParametersHook  # noqa: E402 - after the telemetry environment variables
+
+# kedro-mlflow's hooks register themselves (plugin entry point); ours validate the parameters first.
+HOOKS = (ValidateParametersHook(),)
