@@ -137,7 +137,8 @@ def list_images(folder: str | os.PathLike, extensions: Sequence[str] = DEFAULT_I
         return [root], [root.name]
     if not root.is_dir():
         raise CliError(f"image folder not found: {root}")
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in wanted)
+    # symlinks count even when broken or looping: reading them gives their report row, never a silent drop
+    files = sorted(p for p in root.rglob("*") if (p.is_file() or p.is_symlink()) and p.suffix.lower() in wanted)
     if not files:
         raise CliError(f"no images in {root} (looked for files ending in {', '.join(wanted)})")
     return files, [p.relative_to(root).as_posix() for p in files]
