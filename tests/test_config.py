@@ -165,3 +165,13 @@ def test_kedro_run_with_bad_parameter_fails_before_any_node(tmp_path, monkeypatc
     assert not (project / "data").exists()  # no dataset was written
     assert mlflow.active_run() is None  # validated before kedro-mlflow opened a run
     assert time.perf_counter() - tic < 60
+
+
+def test_config_module_is_kedro_and_torch_free():
+    import subprocess
+    import sys
+
+    code = "import sys, facedetail.config; print(sorted(m for m in ('kedro', 'torch') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**__import__("os").environ, "PYTHONPATH": str(REPO_ROOT / "src")}).stdout.strip()
+    assert out == "[]"

@@ -26,8 +26,6 @@ from kedro.io.core import (
     get_protocol_and_path,
 )
 
-from facedetail.utils import atomic_write_bytes
-
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -128,6 +126,8 @@ class _VersionedFileDataset(AbstractVersionedDataset[dict, dict]):
         staging = get_filepath_str(self._filepath, self._protocol) if self._version else str(target.parent)
         try:
             if self._protocol == "file":
+                from facedetail.utils import atomic_write_bytes  # here: utils imports torch, the catalog need not
+
                 atomic_write_bytes(path, data, staging_dir=staging)
             else:
                 self._write_staged(path, data, staging)
