@@ -143,3 +143,20 @@ def test_failed_write_on_another_filesystem_leaves_no_new_version(monkeypatch):
     NpzBundleDataset(filepath=root, version=Version(None, V2)).save({"face_ids": np.array(["new"])})
     assert NpzBundleDataset(filepath=root, version=Version(None, None)).load()["face_ids"].tolist() == ["new"]
     fs.rm("/atomic_test", recursive=True)
+
+
+def test_raw_bytes_save_is_atomic(tmp_path, monkeypatch):
+    import os
+
+    import facedetail.utils as utils
+    from facedetail.datasets import RawBytesDataset
+
+    path = tmp_path / "raw" / "a.jpg"
+    RawBytesDataset(filepath=str(path)).save(b"old")
+    real_fdopen = os.fdopen
+    monkeypatch.setattr(utils.os, "fdopen", lambda fd, mode: _FailingHalfway(real_fdopen(fd, mode)))
+    with pytest.raises(Exception, match="No space left on device"):
+        RawBytesDataset(filepath=str(path)).save(b"new bytes")
+    monkeypatch.undo()
+    assert RawBytesDataset(filepath=str(path)).load() == b"old"
+    assert [p.name for p in path.parent.iterdir()] == ["a.jpg"]

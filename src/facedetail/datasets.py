@@ -257,6 +257,11 @@ class RawBytesDataset(AbstractDataset[bytes, bytes]):
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise DatasetError(f"RawBytesDataset expects bytes, got {type(data).__name__}")
         path = get_filepath_str(self._filepath, self._protocol)
+        if self._protocol == "file":  # atomic: a temporary file in the same folder, renamed
+            from facedetail.utils import atomic_write_bytes
+
+            atomic_write_bytes(path, bytes(data))
+            return
         self._fs.makedirs(str(PurePosixPath(path).parent), exist_ok=True)
         with self._fs.open(path, "wb") as handle:
             handle.write(bytes(data))
