@@ -38,8 +38,9 @@ def test_failed_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
     import facedetail.utils
 
     monkeypatch.setattr(facedetail.utils.os, "fsync", disk_full)  # fails after the temp file was written
-    with pytest.raises(OSError):
+    with pytest.raises(OSError) as caught:
         atomic_torch_save({"generator": {"w": torch.zeros(2)}, "model_config": {}}, path)
+    assert str(caught.value) == f"[Errno 28] No space left on device: '{path}'"  # the message names the file
     monkeypatch.undo()
     assert torch.equal(load_checkpoint(path)["generator"]["w"], torch.ones(2))
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]  # no temp file left behind

@@ -67,10 +67,12 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, staging_dir: str | 
             os.fsync(handle.fileno())
         path.parent.mkdir(parents=True, exist_ok=True)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         Path(tmp).unlink(missing_ok=True)
         if created_parent and path.parent.is_dir() and not any(path.parent.iterdir()):
             path.parent.rmdir()
+        if isinstance(error, OSError) and error.filename is None:
+            error.filename = str(path)  # "No space left on device: '<path>'" names the file being saved
         raise
     return path
 
