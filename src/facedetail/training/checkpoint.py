@@ -137,12 +137,9 @@ def pack_history(rows: list[dict[str, Any]]) -> dict[str, Any]:
     value (100k steps x 12 metrics = 10 MB) and loadable with ``weights_only=True``.
     """
     columns = list(dict.fromkeys(key for row in rows for key in row))
-    values = torch.zeros(len(rows), len(columns), dtype=torch.float64)
-    present = torch.zeros(len(rows), len(columns), dtype=torch.bool)
-    for i, row in enumerate(rows):
-        for j, key in enumerate(columns):
-            if key in row:
-                values[i, j], present[i, j] = float(row[key]), True
+    shape = (len(rows), len(columns))
+    values = torch.tensor([[float(row.get(key, 0.0)) for key in columns] for row in rows], dtype=torch.float64).reshape(shape)
+    present = torch.tensor([[key in row for key in columns] for row in rows], dtype=torch.bool).reshape(shape)
     return {"columns": columns, "values": values, "present": present}
 
 
