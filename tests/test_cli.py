@@ -259,3 +259,35 @@ def test_retarget_writes_meshes_strip_and_gif(tmp_path, checkpoint, capsys, fast
     assert strip.shape[0] > 3 * 224  # source row + one row per target
     assert main(["retarget", str(OBAMA), str(out), *COMMON]) == 2  # no expression image
     assert "at least one EXPRESSION_IMAGE" in capsys.readouterr().err
+
+
+def _bad_files(folder: Path, monkeypatch) -> Path:
+    """Add a dangling symlink, a symlink loop and an unreadable file (chmod 000; the read fails even as root)."""
+    import errno
+
+    (folder / "dangling.jpg").symlink_to(folder / "gone.jpg")
+    (folder / "loop.jpg").symlink_to(folder / "loop.jpg")
+    locked = folder / "u.jpg"
+    locked.write_bytes(OBAMA.read_bytes())
+    locked.chmod(0)
+    real = Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes", lambda self: (_ for _ in ()).throw(PermissionError(errno.EACCES, "Permission denied", str(self)))
+                        if self.name == "u.jpg" else real(self))
+    return folder
+
+
+@needs_assets
+@pytest.mark.parametrize("command", ["fit", "reconstruct"])
+def test_unreadable_files_are_rows_and_do_not_fail_their_chunk(tmp_path, checkpoint, capsys, fast, monkeypatch, command):
+    folder = _bad_files(photo_folder(tmp_path / "in", OBAMA), monkeypatch)
+    out = tmp_path / "out"
+    extra = ["--checkpoint", str(checkpoint), "--export-size", "64"] if command == "reconstruct" else []
+    assert main([command, str(folder), str(out), *extra, *fast, "--chunk-size", "8"]) == 0  # one chunk holds all four
+    report = pd.read_csv(out / f"{command}_report.csv").set_index("image")
+    assert sorted(report.index) == ["dangling.jpg", "loop.jpg", "obama.jpg", "u.jpg"]
+    assert report.loc["obama.jpg", "status"] == "ok"
+    assert report.loc["dangling.jpg", "reason"].endswith("dangling.jpg: broken symbolic link (its target "
+                                                         f"{folder / 'gone.jpg'} does not exist)")
+    assert "symbolic link loop" in report.loc["loop.jpg", "reason"]
+    assert "u.jpg: permission denied" in report.loc["u.jpg", "reason"]
+    assert set(report.loc[["dangling.jpg", "loop.jpg", "u.jpg"], "status"]) == {"unreadable"}

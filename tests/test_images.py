@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import struct
 import zlib
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -185,3 +186,43 @@ def test_draw_points_and_contact_sheet():
     assert contact_sheet([], None, tile_size=16).shape == (16, 16, 3)
     with pytest.raises(ValueError, match="labels"):
         contact_sheet([base], ["a", "b"])
+
+
+# ---------------------------------------------------------------------------------------------- OS errors are reasons
+
+
+def _unreadable(monkeypatch, victim: Path, error: OSError) -> None:
+    real = Path.read_bytes
+
+    def read_bytes(self):
+        if self == victim:
+            raise error
+        return real(self)
+
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+
+
+@pytest.mark.parametrize(("kind", "expected"), [
+    ("dangling", "broken symbolic link (its target"),
+    ("loop", "symbolic link loop"),
+    ("permission", "permission denied"),
+    ("io", "cannot read (OSError: Input/output error)"),
+    ("missing", "file does not exist"),
+])
+def test_os_errors_become_an_unreadable_reason(tmp_path, monkeypatch, kind, expected):
+    import errno
+
+    path = tmp_path / "u.jpg"
+    if kind == "dangling":
+        path.symlink_to(tmp_path / "gone.jpg")
+    elif kind == "loop":
+        path.symlink_to(path)
+    elif kind in ("permission", "io"):
+        path.write_bytes(b"\xff\xd8\xff")
+        path.chmod(0)  # as root the mode alone does not stop reads: the read itself is made to fail too
+        _unreadable(monkeypatch, path, PermissionError(errno.EACCES, "Permission denied") if kind == "permission"
+                    else OSError(errno.EIO, "Input/output error"))
+    with pytest.raises(ImageReadError) as caught:
+        read_image(path)
+    assert caught.value.status == "unreadable"
+    assert caught.value.reason.startswith(f"{path}: {expected}"), caught.value.reason

@@ -194,3 +194,42 @@ def test_compact_uint8_faces_train_exactly_like_their_float_version(face_model, 
         results.append(DetailTrainer(face_model, None, tiny_config(tmp_path / name, steps=2), UV, torch.device("cpu")).fit(faces))
     for key, value in results[0].generator.state_dict().items():
         assert torch.equal(value, results[1].generator.state_dict()[key]), key
+
+
+def test_resumed_history_holds_every_step(face_model, tmp_path):
+    """kill -9 after a checkpoint, then resume: the history has the steps before the checkpoint too."""
+    data = synthetic_faces(face_model)
+    torch.manual_seed(0)
+    uninterrupted = DetailTrainer(face_model, None, tiny_config(tmp_path / "a"), UV, torch.device("cpu")).fit(data)
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_step_3(metrics, step):
+        if step == 3:
+            raise Killed()
+
+    torch.manual_seed(0)
+    with pytest.raises(Killed):
+        DetailTrainer(face_model, None, tiny_config(tmp_path / "b"), UV, torch.device("cpu"), log_metrics=kill_at_step_3).fit(data)
+    resumed = DetailTrainer(face_model, None, tiny_config(tmp_path / "b"), UV, torch.device("cpu")).fit(data)
+    assert resumed.resumed_from == 2
+    assert [row["step"] for row in resumed.history] == [row["step"] for row in uninterrupted.history] == list(range(6))
+    for before, after in zip(uninterrupted.history, resumed.history):
+        assert set(before) == set(after)
+        for key in before:
+            if key != "seconds_per_step":
+                assert after[key] == pytest.approx(before[key], rel=1e-5, abs=1e-7), (before["step"], key)
+
+
+def test_concurrent_run_on_the_same_checkpoint_folder_fails_clearly(face_model, tmp_path):
+    from facedetail.training.checkpoint import CheckpointLock, CheckpointLockedError
+
+    data = synthetic_faces(face_model)
+    trainer = DetailTrainer(face_model, None, tiny_config(tmp_path), UV, torch.device("cpu"))
+    folder = trainer.checkpoint_root / trainer.run_key(data)
+    with CheckpointLock(folder):  # another live run (same settings) holds the folder
+        with pytest.raises(CheckpointLockedError, match=rf"checkpoint folder {folder} is in use by another training run \(PID \d+\)"):
+            trainer.fit(data)
+    assert not list(folder.glob("step_*.pt"))  # the refused run wrote nothing
+    assert trainer.fit(data).final_step == 6  # released: the next run trains

@@ -137,7 +137,8 @@ def list_images(folder: str | os.PathLike, extensions: Sequence[str] = DEFAULT_I
         return [root], [root.name]
     if not root.is_dir():
         raise CliError(f"image folder not found: {root}")
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in wanted)
+    # symlinks count even when broken or looping: reading them gives their report row, never a silent drop
+    files = sorted(p for p in root.rglob("*") if (p.is_file() or p.is_symlink()) and p.suffix.lower() in wanted)
     if not files:
         raise CliError(f"no images in {root} (looked for files ending in {', '.join(wanted)})")
     return files, [p.relative_to(root).as_posix() for p in files]
@@ -240,7 +241,22 @@ def _setup(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any], Pa
         if args.export_size < 8:
             raise CliError(f"--export-size must be >= 8 texels, got {args.export_size}")
         params["inference"] = {**(params.get("inference") or {}), "export_size": int(args.export_size)}
+    _validate(params)
     return params, mlflow_config, root
+
+
+def _validate(params: dict[str, Any]) -> None:
+    """Check the parameters (with the command-line overrides) against ``facedetail.config``'s schemas.
+
+    Raises:
+        CliError: every problem, in one line (exit status 2).
+    """
+    from facedetail.config import ParameterError, validate_parameters
+
+    try:
+        validate_parameters(params)
+    except ParameterError as error:
+        raise CliError(f"{error} (fix them in conf/ or with the matching option)") from error
 
 
 def _extensions(params: dict[str, Any]) -> list[str]:

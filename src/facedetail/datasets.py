@@ -9,8 +9,11 @@ axis 0 in the order of the bundle's ``face_ids`` array.
 from __future__ import annotations
 
 import io
+import logging
+import uuid
+import zipfile
 from pathlib import PurePosixPath
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import fsspec
 import numpy as np
@@ -23,9 +26,24 @@ from kedro.io.core import (
     get_protocol_and_path,
 )
 
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def _is_intact_zip(data: bytes) -> bool:
+    """Whether ``data`` is a complete zip archive with good CRCs (``.npz`` and ``torch.save`` files are zips)."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            return archive.testzip() is None
+    except Exception:  # noqa: BLE001 - BadZipFile, EOFError, zlib errors, ...
+        return False
+
 
 class _VersionedFileDataset(AbstractVersionedDataset[dict, dict]):
-    """A versioned single file on any fsspec filesystem, read and written as bytes."""
+    """A versioned single file on any fsspec filesystem, read and written as bytes (atomically)."""
+
+    #: Name of the format in messages.
+    _format = "zip"
 
     def __init__(
         self,
@@ -47,16 +65,94 @@ class _VersionedFileDataset(AbstractVersionedDataset[dict, dict]):
         )
 
     def _read_bytes(self) -> bytes:
+        return self._read_path(get_filepath_str(self._get_load_path(), self._protocol))
+
+    def _read_path(self, path: str) -> bytes:
+        try:
+            with self._fs.open(path, "rb") as handle:
+                return handle.read()
+        except OSError as error:
+            raise DatasetError(f"cannot read '{path}': {error}") from error
+
+    def _load_decoded(self, decode: Callable[[bytes], T]) -> T:
+        """``decode`` the file; a broken latest version (truncated, not a zip) falls back to the newest good one.
+
+        A file that is an intact archive but fails to decode (e.g. a pickle refused by ``weights_only`` /
+        ``allow_pickle=False``) is never skipped: its error is raised. A pinned version (``load_versions``)
+        or an unversioned file that is broken raises a ``DatasetError`` naming the file to delete.
+        """
         path = get_filepath_str(self._get_load_path(), self._protocol)
-        with self._fs.open(path, "rb") as handle:
-            return handle.read()
+        data = self._read_path(path)
+        try:
+            return decode(data)
+        except Exception as error:  # noqa: BLE001 - intact archives re-raise below
+            if _is_intact_zip(data):
+                raise
+            broken = f"'{path}' is broken ({len(data)} bytes, truncated or not a {self._format} file: {type(error).__name__}: {error})"
+            cause = error
+        if not self._version or self._version.load is not None:
+            raise DatasetError(f"{broken}; delete it (or load another version)") from cause
+        broken_folders = [str(PurePosixPath(path).parent)]
+        broken_version = PurePosixPath(path).parent.name
+        for candidate in self._get_versions():
+            if PurePosixPath(candidate).parent.name == broken_version:
+                continue
+            candidate_path = get_filepath_str(PurePosixPath(candidate), self._protocol)
+            candidate_data = b""
+            try:
+                candidate_data = self._read_path(candidate_path)
+                value = decode(candidate_data)
+            except Exception:  # noqa: BLE001 - an older broken version: keep looking
+                if _is_intact_zip(candidate_data):
+                    raise
+                broken_folders.append(str(PurePosixPath(candidate_path).parent))
+                continue
+            self._cached_load_version = PurePosixPath(candidate).parent.name
+            logger.warning("%s; loaded the previous good version '%s' instead. Delete the broken version folder(s) %s "
+                           "(left by a crash or a full disk during a save) to silence this warning.",
+                           broken, candidate_path, ", ".join(f"'{folder}'" for folder in broken_folders))
+            return value
+        raise DatasetError(f"{broken}; no older good version either. Delete the broken version folder(s) "
+                           f"{', '.join(repr(folder) for folder in broken_folders)} and rerun the pipeline that writes it") from cause
 
     def _write_bytes(self, data: bytes) -> None:
+        """Write atomically: a temporary file in the dataset's folder, renamed into place once complete.
+
+        A failed or killed save leaves no new version (the version folder is created only at the rename).
+        """
         path = get_filepath_str(self._get_save_path(), self._protocol)
-        self._fs.makedirs(str(PurePosixPath(path).parent), exist_ok=True)
-        with self._fs.open(path, "wb") as handle:
-            handle.write(data)
-        self._invalidate_cache()
+        target = PurePosixPath(path)
+        # versioned: <filepath>/<version>/<name>, staged in <filepath>/ (not matched by Kedro's <filepath>/*/<name>)
+        staging = get_filepath_str(self._filepath, self._protocol) if self._version else str(target.parent)
+        try:
+            if self._protocol == "file":
+                from facedetail.utils import atomic_write_bytes  # here: utils imports torch, the catalog need not
+
+                atomic_write_bytes(path, data, staging_dir=staging)
+            else:
+                self._write_staged(path, data, staging)
+        except OSError as error:
+            raise DatasetError(f"cannot write '{path}': {error.strerror or error} (nothing was saved; the previous "
+                               f"version is intact)") from error
+        finally:
+            self._invalidate_cache()
+
+    def _write_staged(self, path: str, data: bytes, staging: str) -> None:
+        """Other fsspec filesystems: write ``<staging>/.<name>.tmp-<uuid>`` then ``fs.mv`` it to ``path``."""
+        tmp = f"{staging}/.{PurePosixPath(path).name}.tmp-{uuid.uuid4().hex}"
+        self._fs.makedirs(staging, exist_ok=True)
+        try:
+            with self._fs.open(tmp, "wb") as handle:
+                handle.write(data)
+            self._fs.makedirs(str(PurePosixPath(path).parent), exist_ok=True)
+            self._fs.mv(tmp, path)
+        except BaseException:
+            try:
+                if self._fs.exists(tmp):
+                    self._fs.rm(tmp)
+            except Exception:  # noqa: BLE001 - best effort; the original error matters
+                logger.debug("could not remove %s", tmp)
+            raise
 
     def _describe(self) -> dict[str, Any]:
         return {"filepath": self._filepath, "protocol": self._protocol, "version": self._version}
@@ -99,9 +195,10 @@ class NpzBundleDataset(_VersionedFileDataset):
         self._compress = compress
         super().__init__(filepath=filepath, version=version, fs_args=fs_args, metadata=metadata)
 
+    _format = "npz"
+
     def load(self) -> dict[str, np.ndarray]:
-        with np.load(io.BytesIO(self._read_bytes()), allow_pickle=False) as bundle:
-            return {key: bundle[key] for key in bundle.files}
+        return self._load_decoded(_decode_npz)
 
     def save(self, data: dict[str, Any]) -> None:
         if not isinstance(data, dict):
@@ -160,6 +257,11 @@ class RawBytesDataset(AbstractDataset[bytes, bytes]):
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise DatasetError(f"RawBytesDataset expects bytes, got {type(data).__name__}")
         path = get_filepath_str(self._filepath, self._protocol)
+        if self._protocol == "file":  # atomic: a temporary file in the same folder, renamed
+            from facedetail.utils import atomic_write_bytes
+
+            atomic_write_bytes(path, bytes(data))
+            return
         self._fs.makedirs(str(PurePosixPath(path).parent), exist_ok=True)
         with self._fs.open(path, "wb") as handle:
             handle.write(bytes(data))
@@ -182,10 +284,10 @@ class TorchCheckpointDataset(_VersionedFileDataset):
           versioned: true
     """
 
-    def load(self) -> dict:
-        import torch
+    _format = "torch.save"
 
-        return torch.load(io.BytesIO(self._read_bytes()), map_location="cpu", weights_only=True)
+    def load(self) -> dict:
+        return self._load_decoded(_decode_torch)
 
     def save(self, data: dict) -> None:
         import torch
@@ -280,3 +382,12 @@ class ShardedFaceDataset(AbstractVersionedDataset):
         except DatasetError:
             return False
         return self._fs.exists(path)
+def _decode_npz(data: bytes) -> dict[str, np.ndarray]:
+    with np.load(io.BytesIO(data), allow_pickle=False) as bundle:
+        return {key: bundle[key] for key in bundle.files}
+
+
+def _decode_torch(data: bytes) -> dict:
+    import torch
+
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)

@@ -5,6 +5,8 @@
   the MLflow UI shows which versions of which intermediates a run used and produced.
 * :class:`ExecutionHooks` stops the Dask cluster (and drops the models loaded for in-process
   stages) when a run ends, successfully or not.
+* :class:`ValidateParametersHook` checks the run's parameters (``facedetail.config``) before any
+  node runs.
 """
 from __future__ import annotations
 
@@ -14,7 +16,10 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import click
 from kedro.framework.hooks import hook_impl
+
+from facedetail.config import ParameterError, parameter_problems
 
 logger = logging.getLogger(__name__)
 
@@ -115,3 +120,27 @@ class ExecutionHooks:
         from facedetail.data.execution import close_executors
 
         close_executors()
+
+
+class InvalidParametersError(ParameterError, click.ClickException):
+    """A :class:`~facedetail.config.ParameterError` that ``kedro run`` prints as one line (``Error: ...``), exit status 2."""
+
+    exit_code = 2
+
+    def __init__(self, problems: list[str]) -> None:
+        ParameterError.__init__(self, problems)
+        click.ClickException.__init__(self, ParameterError.__str__(self))
+
+
+class ValidateParametersHook:
+    """Validate the run's merged parameters (``facedetail.config``) before any node runs.
+
+    ``tryfirst``: runs before kedro-mlflow's ``before_pipeline_run``, so a bad setting opens no MLflow run.
+    """
+
+    @hook_impl(tryfirst=True)
+    def before_pipeline_run(self, run_params: dict[str, Any], pipeline: Any, catalog: Any) -> None:
+        params = catalog.load("parameters") if "parameters" in catalog else {}
+        problems = parameter_problems(params or {})
+        if problems:
+            raise InvalidParametersError(problems)

@@ -29,7 +29,8 @@ CONFIG_LOADER_ARGS = {
     },
 }
 
-from facedetail.hooks import DatasetLineageHooks, ExecutionHooks  # noqa: E402
+from facedetail.hooks import DatasetLineageHooks, ExecutionHooks, ValidateParametersHook  # noqa: E402 - after the telemetry variables
 
-# kedro-mlflow registers its own hooks through its plugin entry point.
-HOOKS = (DatasetLineageHooks(), ExecutionHooks())
+# kedro-mlflow's hooks register themselves (plugin entry point); ours validate the parameters first,
+# record dataset lineage in the MLflow run and stop the run's Dask cluster at the end.
+HOOKS = (ValidateParametersHook(), DatasetLineageHooks(), ExecutionHooks())

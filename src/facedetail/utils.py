@@ -43,23 +43,36 @@ def settings_hash(settings: Any) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to a temporary file in the same folder, fsync it, then rename it over ``path``.
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, staging_dir: str | os.PathLike | None = None) -> Path:
+    """Write ``data`` to a temporary file, fsync it, then rename it over ``path``.
 
     If writing fails (disk full, killed process) the previous file at ``path`` stays valid and the
     temporary file is removed.
+
+    Args:
+        staging_dir: folder of the temporary file (default: ``path``'s folder); it must be on the same
+            filesystem. ``path``'s folder is then created only once the data is fully written, so a
+            failed write of a new versioned file leaves no new version folder (datasets use the
+            dataset's folder ``name.npz/`` for ``name.npz/<version>/name.npz``).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    staging = Path(staging_dir) if staging_dir is not None else path.parent
+    staging.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=staging, prefix=f".{path.name}.", suffix=".tmp")
+    created_parent = not path.parent.exists()
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
+        path.parent.mkdir(parents=True, exist_ok=True)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         Path(tmp).unlink(missing_ok=True)
+        if created_parent and path.parent.is_dir() and not any(path.parent.iterdir()):
+            path.parent.rmdir()
+        if isinstance(error, OSError) and error.filename is None:
+            error.filename = str(path)  # "No space left on device: '<path>'" names the file being saved
         raise
     return path
 

@@ -14,7 +14,9 @@ Failures raise :class:`ImageReadError` with a ``status`` (``empty``, ``not_an_im
 """
 from __future__ import annotations
 
+import errno
 import io
+import os
 import math
 import warnings
 from dataclasses import dataclass
@@ -98,11 +100,31 @@ def _read_source(source: str | Path | bytes | bytearray | memoryview) -> tuple[b
     if isinstance(source, (bytes, bytearray, memoryview)):
         return bytes(source), "<bytes>"
     path = Path(source)
-    if not path.exists():
-        raise ImageReadError(f"{path}: file does not exist", status="unreadable")
-    if path.is_dir():
-        raise ImageReadError(f"{path}: is a directory, expected an image file", status="not_an_image")
-    return path.read_bytes(), str(path)
+    try:
+        if path.is_dir():
+            raise ImageReadError(f"{path}: is a directory, expected an image file", status="not_an_image")
+        return path.read_bytes(), str(path)
+    except ImageReadError:
+        raise
+    except OSError as error:  # every OS failure of one file is that file's row, never a crash
+        raise ImageReadError(_os_error_reason(path, error), status="unreadable") from error
+
+
+def _os_error_reason(path: Path, error: OSError) -> str:
+    """Why ``path`` could not be read, in words (broken link, link loop, permission, I/O error, ...)."""
+    if error.errno == errno.ELOOP:
+        return f"{path}: symbolic link loop (the link points back to itself)"
+    if isinstance(error, FileNotFoundError):
+        if path.is_symlink():
+            try:
+                target = os.readlink(path)
+            except OSError:
+                target = "?"
+            return f"{path}: broken symbolic link (its target {target} does not exist)"
+        return f"{path}: file does not exist"
+    if isinstance(error, PermissionError):
+        return f"{path}: permission denied (cannot read the file; check its permissions)"
+    return f"{path}: cannot read ({type(error).__name__}: {error.strerror or error})"
 
 
 def _looks_like_image(data: bytes) -> bool:

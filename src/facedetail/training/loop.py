@@ -38,13 +38,16 @@ from facedetail.losses.schedules import weight_at
 from facedetail.models.detail_model import DetailGenerator
 from facedetail.models.discriminator import build_discriminator
 from facedetail.training.checkpoint import (
+    CheckpointLock,
     atomic_torch_save,
     capture_rng_state,
     checkpoint_path,
     latest_checkpoint,
     load_checkpoint,
+    pack_history,
     prune_checkpoints,
     restore_rng_state,
+    unpack_history,
 )
 from facedetail.training.detail_render import DetailRenderer, FaceBatchScene
 from facedetail.utils import settings_hash
@@ -211,7 +214,10 @@ class DetailTrainer:
         }
 
     def save_checkpoint(self, step: int, completed: bool = False) -> Path:
-        path = atomic_torch_save({**self.state_dict(step), "completed": completed}, checkpoint_path(self.checkpoint_dir, step))
+        # the history rows so far travel with the checkpoint: a resumed run's history holds every step
+        history = pack_history(getattr(self, "history", []))
+        path = atomic_torch_save({**self.state_dict(step), "completed": completed, "history": history},
+                                 checkpoint_path(self.checkpoint_dir, step))
         prune_checkpoints(self.checkpoint_dir, int(self.config.get("keep_checkpoints", 3)))
         return path
 
@@ -229,6 +235,7 @@ class DetailTrainer:
 
         A run that reached its last step saved a ``completed`` checkpoint: starting it again trains anew.
         """
+        self.resumed_history: list[dict[str, float]] = []
         if not self.config.get("resume", True):
             return 0
         path = latest_checkpoint(self.checkpoint_dir)
@@ -248,6 +255,7 @@ class DetailTrainer:
         self.sched_d.load_state_dict(state["sched_d"])
         restore_rng_state(state["rng"])
         self.sampler.set_state(state["sampler"].cpu())
+        self.resumed_history = unpack_history(state.get("history"))  # absent in older checkpoints
         logger.info("resumed detail training from %s (step %d)", path, state["step"])
         return int(state["step"])
 
@@ -360,14 +368,23 @@ class DetailTrainer:
 
     # ------------------------------------------------------------------ loop
     def fit(self, train: FaceTensors, validation: FaceTensors | None = None) -> TrainingResult:
-        """Train for ``config['steps']`` steps (resuming from this configuration's last checkpoint)."""
+        """Train for ``config['steps']`` steps (resuming from this configuration's last checkpoint).
+
+        The run holds :class:`CheckpointLock` on its checkpoint folder: a concurrent run with the same settings
+        fails with :class:`CheckpointLockedError` instead of resuming from this run's live checkpoints.
+        """
+        with CheckpointLock(self.checkpoint_root / self.run_key(train)):
+            return self._fit(train, validation)
+
+    def _fit(self, train: FaceTensors, validation: FaceTensors | None = None) -> TrainingResult:
         if len(train) == 0:
             raise TrainingError("the training set is empty: no face passed data_prep/estimation (see the manifest)")
         steps = int(self.config["steps"])
         batch_size = min(int(self.config["batch_size"]), len(train))
         self.checkpoint_dir = self.checkpoint_root / self.run_key(train)
         start = self.try_resume()
-        result = TrainingResult(self.generator, resumed_from=start or None)
+        result = TrainingResult(self.generator, history=self.resumed_history, resumed_from=start or None)
+        self.history = result.history  # saved with each checkpoint
         validation = validation if validation is not None and len(validation) else None  # batches move to the device
         batches = self._batches(len(train), batch_size)
         scenes = self.prepare_scenes(train) if len(train) <= int(self.config.get("scene_cache_faces", 512)) else None
