@@ -12,7 +12,7 @@ from facedetail.geometry.camera import transform_and_project
 from facedetail.geometry.face_model import load_face_model
 from facedetail.geometry.lighting import irradiance
 from facedetail.geometry.mesh import vertex_normals
-from facedetail.models.fitting import (
+from facedetail.estimation.fitting import (
     FitSettings,
     deng_landmark_weights,
     estimate_white_lighting,
@@ -84,7 +84,7 @@ def test_smoothing_operator_preserves_constants_and_averages_neighbours() -> Non
     triangles = torch.tensor([[0, 1, 2], [0, 2, 3]])
     op = mesh_smoothing_operator(triangles, 4)
     values = torch.tensor([[[1.0], [0.0], [0.0], [0.0]]])
-    from facedetail.models.fitting import _smooth
+    from facedetail.estimation.fitting import _smooth
 
     once = _smooth(values, op, 1)
     # vertex 1 neighbours {0, 1, 2}: (1 + 0 + 0) / 3; vertex 0 neighbours {0, 1, 2, 3}: 1 / 4
@@ -123,7 +123,7 @@ def test_landmark_fit_recovers_a_synthetic_face(ict) -> None:
 
 
 def test_photometric_fit_on_a_rendered_face(ict, tmp_path: Path) -> None:
-    from facedetail.models.fitting import default_rasterizer
+    from facedetail.estimation.fitting import default_rasterizer
 
     rasterize = default_rasterizer()
     if rasterize is None:

@@ -10,7 +10,7 @@ import torch
 from facedetail.geometry.face_model import load_face_model
 from facedetail.geometry.uv import expression_map
 from facedetail.losses.photometric import masked_photometric_loss
-from facedetail.training.detail_render import DetailRenderer
+from facedetail.render.detail import DetailRenderer
 from facedetail.training.loop import DetailTrainer, FaceTensors, TrainingError, validation_split
 
 ICT = Path(__file__).resolve().parents[1] / ".." / "shared" / "assets" / "ict_facekit" / "ict_face_only_9409.npz"

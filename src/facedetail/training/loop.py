@@ -46,7 +46,7 @@ from facedetail.training.checkpoint import (
     prune_checkpoints,
     restore_rng_state,
 )
-from facedetail.training.detail_render import DetailRenderer, FaceBatchScene
+from facedetail.render.detail import DetailRenderer, FaceBatchScene
 from facedetail.utils import settings_hash
 
 logger = logging.getLogger(__name__)

@@ -15,8 +15,9 @@ import pandas as pd
 from PIL import Image
 from tqdm.auto import tqdm
 
-from facedetail.detect.align import align_face
-from facedetail.detect.mtcnn import MtcnnFaceDetector, describe_rejections, no_face_status
+from facedetail.detect.faces import detect_and_align, detector_from_params
+from facedetail.detect.mtcnn import MtcnnFaceDetector
+from facedetail.io.face_ids import image_stems, make_face_id
 from facedetail.io.images import ImageReadError, contact_sheet, draw_points, read_image
 
 logger = logging.getLogger(__name__)
@@ -58,17 +59,9 @@ def select_image_partitions(
 
 
 def make_face_ids(partition_ids: list[str]) -> dict[str, str]:
-    """Map each partition id to a unique, file-name-safe stem used in face ids ``<stem>__f<k>``.
-
-    The stem is the path without extension, '/' replaced by '__'; when two files share a stem
-    (``a.jpg`` and ``a.png``) the extension is appended (``a_jpg``, ``a_png``).
-    """
-    stems = {pid: str(PurePosixPath(pid).with_suffix("")).replace("/", "__") for pid in partition_ids}
-    counts = Counter(stems.values())
-    return {
-        pid: (f"{stem}_{PurePosixPath(pid).suffix.lstrip('.').lower()}" if counts[stem] > 1 else stem)
-        for pid, stem in stems.items()
-    }
+    """Map each partition id to its unique, file-name-safe stem (:func:`facedetail.io.face_ids.image_stems`, the
+    rule the engine uses too); face ids are ``<stem>__f<k>``."""
+    return dict(zip(partition_ids, image_stems(partition_ids)))
 
 
 def _image_row(partition_id: str, source_path: str, data: bytes, status: str, reason: str) -> dict[str, Any]:
@@ -124,26 +117,19 @@ def process_image(
         "exif_transposed": loaded.exif_transposed,
     }
     try:
-        result = detector.detect(loaded.rgb)
-        if not result.faces:
-            status, reason = no_face_status(result, loaded.width, loaded.height, detector.min_face_size)
-            row = _image_row(partition_id, source_path, data, status, reason)
-            row.update(facts, detection_scale=result.detection_scale)
+        found = detect_and_align(loaded.rgb, detector, int(alignment["crop_size"]), float(alignment["rescale_factor"]))
+        if not found.faces:
+            row = _image_row(partition_id, source_path, data, found.status, found.reason)
+            row.update(facts, detection_scale=found.detection_scale)
             return [row], []
         rows, records = [], []
         sha256 = hashlib.sha256(data).hexdigest()
-        for index, face in enumerate(result.faces):
-            aligned = align_face(
-                loaded.rgb,
-                face.landmarks5,
-                crop_size=int(alignment["crop_size"]),
-                rescale_factor=float(alignment["rescale_factor"]),
-            )
-            face_id = f"{face_stem}__f{index}"
+        for index, face, aligned in ((f.index, f.detection, f.aligned) for f in found.faces):
+            face_id = make_face_id(face_stem, index)
             rows.append(
                 {
-                    **_image_row(partition_id, source_path, data, "ok", f"face {index + 1} of {len(result.faces)}"
-                                 + describe_rejections(result)),
+                    **_image_row(partition_id, source_path, data, "ok", f"face {index + 1} of {len(found.faces)}"
+                                 + found.rejections),
                     **facts,
                     "face_id": face_id,
                     "face_index": index,
@@ -151,8 +137,8 @@ def process_image(
                     "score": face.score,
                     "landmarks5": [float(v) for v in face.landmarks5.reshape(-1)],
                     "trans_params": [float(v) for v in aligned.trans_params],
-                    "detection_scale": result.detection_scale,
-                    "faces_in_image": len(result.faces),
+                    "detection_scale": found.detection_scale,
+                    "faces_in_image": len(found.faces),
                 }
             )
             records.append(
@@ -216,14 +202,7 @@ def detect_and_align_faces(
         ``aligned_faces`` bundle.
     """
     images = select_image_partitions(raw_faces, list(params["image_extensions"]))
-    detection = params["detection"]
-    detector = MtcnnFaceDetector(
-        device,
-        min_face_size=float(detection["min_face_size"]),
-        min_probability=float(detection["min_probability"]),
-        max_detection_side=int(detection["max_detection_side"]),
-        stage_thresholds=tuple(detection["stage_thresholds"]),
-    )
+    detector = detector_from_params(params, device)
     stems = make_face_ids(list(images))
     rows: list[dict[str, Any]] = []
     records: list[dict[str, Any]] = []

@@ -1,4 +1,4 @@
-"""Nodes of the estimation pipeline (thin wiring around facedetail.estimate)."""
+"""Nodes of the estimation pipeline (thin wiring around facedetail.estimation.estimator)."""
 from __future__ import annotations
 
 import logging
@@ -11,7 +11,7 @@ from PIL import Image
 import pandas as pd
 
 from facedetail.detect.align import aligned_to_original
-from facedetail.estimate import FaceEstimator
+from facedetail.estimation.estimator import FaceEstimator
 from facedetail.geometry.face_model import load_face_model_from_params
 from facedetail.io.images import contact_sheet
 from facedetail.models.facenet import load_face_embedder

@@ -10,7 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from facedetail.geometry.face_model import load_face_model_from_params
-from facedetail.geometry.face_uv import face_uv_maps
+from facedetail.geometry.face_uv import generator_inputs
 from facedetail.io.images import contact_sheet
 from facedetail.utils import resolve_device
 
@@ -51,13 +51,12 @@ def build_uv_maps(
     for start in tqdm(starts, desc="uv maps", unit="batch", total=len(starts)):
         ids = face_ids[start : start + batch_size]
         images = np.stack([aligned_faces["images"][row_of[f]] for f in ids])
-        images_t = torch.from_numpy(images).to(torch_device).permute(0, 3, 1, 2).float() / 255.0
+        images_t = torch.from_numpy(images).to(torch_device).permute(0, 3, 1, 2)
         coeffs = torch.from_numpy(np.asarray(face_estimates["coefficients"][start : start + batch_size], np.float32)).to(torch_device)
-        maps = face_uv_maps(face_model, coeffs, images_t, size, backend=uv_params.get("backend", "auto"))
-        outputs["expression_maps"].append(maps["expression_maps"].cpu().numpy().astype(np.float16))
-        outputs["uv_textures"].append((maps["uv_textures"].clamp(0, 1) * 255 + 0.5).byte().cpu().numpy())
-        outputs["texture_valid"].append(maps["texture_valid"].cpu().numpy() > 0.5)
-        valid = maps["expression_valid"].cpu().numpy()
+        maps = generator_inputs(face_model, coeffs, images_t, size, backend=uv_params.get("backend", "auto"))
+        for key in outputs:
+            outputs[key].append(maps[key])
+        valid = maps["expression_valid"]
     shape = {"expression_maps": (0, 3, size, size), "uv_textures": (0, 3, size, size), "texture_valid": (0, 1, size, size)}
     bundle = {k: (np.concatenate(v) if v else np.zeros(shape[k], np.float16 if k == "expression_maps" else np.uint8)) for k, v in outputs.items()}
     logger.info("uv maps: %d faces at %dx%d", len(face_ids), size, size)
