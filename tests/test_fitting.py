@@ -21,10 +21,8 @@ from facedetail.estimation.fitting import (
     landmark_nme,
     mesh_smoothing_operator,
 )
+from tests.conftest import CELEBA, ICT_PATH
 
-ROOT = Path(__file__).resolve().parents[1]
-ICT_PATH = ROOT / "../shared/assets/ict_facekit/ict_face_only_9409.npz"
-CELEBA = ROOT / "../shared/assets/faces/celeba_examples"
 
 # MediaPipe FaceLandmarker (478 points) -> iBUG 68 (test-only mapping; the project's detector has its own).
 MP_TO_68 = [127, 234, 93, 132, 58, 172, 150, 176, 152, 400, 379, 397, 288, 361, 323, 454, 356,

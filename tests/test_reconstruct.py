@@ -25,23 +25,16 @@ from facedetail.engine.reconstructor import FaceReconstruction, Reconstructor
 from facedetail.engine.retarget import expression_sweep, retarget
 from facedetail.io.face_ids import image_stems
 from facedetail.training.checkpoint import CheckpointError
+from tests.conftest import EXPRESSIONS, ICT_PATH, OBAMA, REPO_ROOT, TWO_PEOPLE, needs_assets
 
-PROJECT = Path(__file__).resolve().parents[1]
-FACES = PROJECT.parent / "shared" / "assets" / "faces"
-OBAMA = FACES / "portraits" / "obama.jpg"
-TWO_PEOPLE = FACES / "portraits" / "two_people.jpg"
-EXPRESSIONS = FACES / "expressions_one_person"
-ICT = PROJECT.parent / "shared" / "assets" / "ict_facekit" / "ict_face_only_9409.npz"
+PROJECT = REPO_ROOT
+ICT = ICT_PATH
 UV_SIZE = 32
 EXPORT_SIZE = 128  # the default is 256; 128 keeps the dense OBJ small for the tests
 #: Shorter fits than the defaults (360 steps) keep the tests fast; landmarks still converge on these portraits.
 FAST_FITTING = {"rigid_steps": 30, "landmark_steps": 80, "photometric_steps": 15}
 TINY_CONFIG = {"ngf": 8, "num_downs": 3, "embedding_channels": 4, "regions": 2, "filter_hidden": 8, "max_displacement": 0.3}
 
-needs_assets = pytest.mark.skipif(
-    not (OBAMA.is_file() and TWO_PEOPLE.is_file() and ICT.is_file()),
-    reason=f"needs ../shared/assets ({OBAMA.name}, {TWO_PEOPLE.name}, ICT face model); not present on this machine",
-)
 
 
 def tiny_checkpoint(seed: int = 0, uv_size: int = UV_SIZE) -> dict:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,9 +19,8 @@ from facedetail.render import (
     resolve_backend,
     sample_uv_map,
 )
+from tests.conftest import ICT_PATH, needs_ict
 
-ICT_PATH = Path(__file__).resolve().parents[2] / "shared" / "assets" / "ict_facekit" / "ict_face_only_9409.npz"
-needs_ict = pytest.mark.skipif(not ICT_PATH.exists(), reason=f"ICT-FaceKit asset missing at {ICT_PATH}")
 needs_pytorch3d = pytest.mark.skipif(not pytorch3d_available(), reason="pytorch3d with compiled ops not installed")
 
 

@@ -1,7 +1,6 @@
 """Tests of UV baking (expression maps) and texture unwrapping."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,9 +14,8 @@ from facedetail.geometry.uv import (
     unwrap_texture,
 )
 from facedetail.render import interpolate_uv, rasterize, rasterize_fast, sample_uv_map
+from tests.conftest import ICT_PATH, needs_ict
 
-ICT_PATH = Path(__file__).resolve().parents[2] / "shared" / "assets" / "ict_facekit" / "ict_face_only_9409.npz"
-needs_ict = pytest.mark.skipif(not ICT_PATH.exists(), reason=f"ICT-FaceKit asset missing at {ICT_PATH}")
 
 
 
