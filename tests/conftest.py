@@ -6,6 +6,8 @@ asset path is defined in more than one place. The shared assets live next to the
 """
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -46,3 +48,25 @@ def ict_path() -> Path:
     if not ICT_PATH.is_file():
         pytest.skip(f"ICT-FaceKit asset missing at {ICT_PATH}")
     return ICT_PATH
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _restore_mlflow_uris():
+    """Give each test module back the MLflow tracking/registry URIs it started with.
+
+    A Kedro session with kedro-mlflow (``tests/pipelines/``) sets them process-wide (module globals and the
+    ``MLFLOW_*_URI`` environment variables), which would point later modules at a deleted temporary database.
+    """
+    keys = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+    saved = {key: os.environ.get(key) for key in keys}
+    yield
+    if "mlflow" in sys.modules:
+        import mlflow
+
+        mlflow.set_tracking_uri(None)
+        mlflow.set_registry_uri(None)
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value

@@ -54,8 +54,8 @@ class FaceReconstruction(FittedFace):
     """A :class:`FittedFace` plus its detail reconstruction.
 
     Attributes (besides :class:`FittedFace`'s), ``S`` = the checkpoint's uv_size, ``E`` = export size (256):
-        expression_map: (3, S, S) float32 ``B·β`` baked into UV, model units.
-        uv_texture: (3, S, S) float32 in [0, 1] (the unwrapped photo the generator saw).
+        expression_map: (3, S, S) float32 ``B·β`` baked into UV, model units (float16-rounded, as trained on).
+        uv_texture: (3, S, S) float32 in [0, 1] (the unwrapped photo the generator saw: uint8 / 255, as trained on).
         texture_valid: (S, S) bool (texels the camera saw).
         uv_valid: (S, S) bool (texels inside the UV layout).
         embedding: (E_ch, S, S) float32 attribute embedding.
