@@ -220,7 +220,7 @@ def test_fit_runs_on_cuda(ict) -> None:
 
 def test_fit_with_an_albedo_model_bfm_layout(tmp_path: Path) -> None:
     """The BFM path (albedo basis, 257 coefficients, decimetres) on a tiny synthetic .mat model."""
-    from test_geometry import _write_bfm_mat
+    from tests.test_geometry import _write_bfm_mat
 
     path = tmp_path / "bfm.mat"
     _write_bfm_mat(path)
