@@ -42,11 +42,11 @@ import yaml  # noqa: E402
 from facedetail.detect.align import align_face  # noqa: E402
 from facedetail.detect.landmarks import LandmarkDetector  # noqa: E402
 from facedetail.detect.mtcnn import MtcnnFaceDetector  # noqa: E402
-from facedetail.estimate import FaceEstimator  # noqa: E402
+from facedetail.estimation.estimator import FaceEstimator  # noqa: E402
 from facedetail.geometry.face_model import load_face_model  # noqa: E402
 from facedetail.io.images import read_image  # noqa: E402
 from facedetail.models.facenet import load_face_embedder  # noqa: E402
-from facedetail.models.fitting import FitSettings, fit_coefficients  # noqa: E402
+from facedetail.estimation.fitting import FitSettings, fit_coefficients  # noqa: E402
 from facedetail.parsing.skin_mask import face_mask  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

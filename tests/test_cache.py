@@ -1,6 +1,6 @@
 import numpy as np
 
-from facedetail.cache import FaceCache
+from facedetail.estimation.cache import FaceCache
 
 
 def test_cache_roundtrip_and_keys_depend_on_content_and_settings(tmp_path):

@@ -17,14 +17,11 @@ import torch
 
 from facedetail.cli import CliError, list_images, main, resolve_checkpoint, tracking_uri_from_config
 from facedetail.models.detail_model import DetailGenerator
+from tests.conftest import CONF as CONF_DIR, EXPRESSIONS, ICT_PATH, OBAMA, REPO_ROOT, TWO_PEOPLE
 
-PROJECT = Path(__file__).resolve().parents[1]
-CONF = str(PROJECT / "conf")
-FACES = PROJECT.parent / "shared" / "assets" / "faces"
-OBAMA = FACES / "portraits" / "obama.jpg"
-TWO_PEOPLE = FACES / "portraits" / "two_people.jpg"
-EXPRESSIONS = FACES / "expressions_one_person"
-ICT = PROJECT.parent / "shared" / "assets" / "ict_facekit" / "ict_face_only_9409.npz"
+PROJECT = REPO_ROOT
+CONF = str(CONF_DIR)
+ICT = ICT_PATH
 COMMON = ["--conf-source", CONF, "--device", "cpu", "--no-cache"]
 
 needs_assets = pytest.mark.skipif(

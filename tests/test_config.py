@@ -88,7 +88,7 @@ def test_section_typo_is_an_error_new_section_a_warning(base_params, caplog):
 def test_schemas_mirror_the_code_they_configure():
     """The fitting and generator schemas list exactly the settings their classes accept (no drift)."""
     from facedetail.models.detail_model import DetailGenerator
-    from facedetail.models.fitting import FitSettings
+    from facedetail.estimation.fitting import FitSettings
 
     train, estimation = SECTION_SCHEMAS["train"], SECTION_SCHEMAS["estimation"]
     fitting = estimation.model_fields["fitting"].annotation

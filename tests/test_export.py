@@ -25,9 +25,8 @@ from facedetail.io.export import (
     write_obj_with_uv,
     write_strip_png,
 )
+from tests.conftest import ICT_PATH, needs_ict
 
-ICT_PATH = Path(__file__).resolve().parents[2] / "shared" / "assets" / "ict_facekit" / "ict_face_only_9409.npz"
-needs_ict = pytest.mark.skipif(not ICT_PATH.is_file(), reason=f"ICT-FaceKit asset missing at {ICT_PATH}")
 
 
 def load_obj(path: Path, maintain_order: bool = True) -> trimesh.Trimesh:

@@ -23,8 +23,8 @@ from facedetail.models.facenet import (
     load_facenet_pytorch_checkpoint,
     read_frozen_graph,
 )
+from tests.conftest import FACES
 
-FACES = Path(__file__).resolve().parents[1] / ".." / "shared" / "assets" / "faces"
 PARITY_TOLERANCE = 1e-4
 
 try:

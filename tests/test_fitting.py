@@ -12,7 +12,7 @@ from facedetail.geometry.camera import transform_and_project
 from facedetail.geometry.face_model import load_face_model
 from facedetail.geometry.lighting import irradiance
 from facedetail.geometry.mesh import vertex_normals
-from facedetail.models.fitting import (
+from facedetail.estimation.fitting import (
     FitSettings,
     deng_landmark_weights,
     estimate_white_lighting,
@@ -21,10 +21,8 @@ from facedetail.models.fitting import (
     landmark_nme,
     mesh_smoothing_operator,
 )
+from tests.conftest import CELEBA, ICT_PATH
 
-ROOT = Path(__file__).resolve().parents[1]
-ICT_PATH = ROOT / "../shared/assets/ict_facekit/ict_face_only_9409.npz"
-CELEBA = ROOT / "../shared/assets/faces/celeba_examples"
 
 # MediaPipe FaceLandmarker (478 points) -> iBUG 68 (test-only mapping; the project's detector has its own).
 MP_TO_68 = [127, 234, 93, 132, 58, 172, 150, 176, 152, 400, 379, 397, 288, 361, 323, 454, 356,
@@ -84,7 +82,7 @@ def test_smoothing_operator_preserves_constants_and_averages_neighbours() -> Non
     triangles = torch.tensor([[0, 1, 2], [0, 2, 3]])
     op = mesh_smoothing_operator(triangles, 4)
     values = torch.tensor([[[1.0], [0.0], [0.0], [0.0]]])
-    from facedetail.models.fitting import _smooth
+    from facedetail.estimation.fitting import _smooth
 
     once = _smooth(values, op, 1)
     # vertex 1 neighbours {0, 1, 2}: (1 + 0 + 0) / 3; vertex 0 neighbours {0, 1, 2, 3}: 1 / 4
@@ -123,7 +121,7 @@ def test_landmark_fit_recovers_a_synthetic_face(ict) -> None:
 
 
 def test_photometric_fit_on_a_rendered_face(ict, tmp_path: Path) -> None:
-    from facedetail.models.fitting import default_rasterizer
+    from facedetail.estimation.fitting import default_rasterizer
 
     rasterize = default_rasterizer()
     if rasterize is None:
@@ -222,7 +220,7 @@ def test_fit_runs_on_cuda(ict) -> None:
 
 def test_fit_with_an_albedo_model_bfm_layout(tmp_path: Path) -> None:
     """The BFM path (albedo basis, 257 coefficients, decimetres) on a tiny synthetic .mat model."""
-    from test_geometry import _write_bfm_mat
+    from tests.test_geometry import _write_bfm_mat
 
     path = tmp_path / "bfm.mat"
     _write_bfm_mat(path)

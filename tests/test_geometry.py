@@ -20,9 +20,8 @@ from facedetail.geometry.face_model import (
 )
 from facedetail.geometry.lighting import irradiance, sh_basis, shade
 from facedetail.geometry.mesh import face_normals, vertex_normals
+from tests.conftest import ICT_PATH
 
-ICT_PATH = Path(__file__).resolve().parents[1] / "../shared/assets/ict_facekit/ict_face_only_9409.npz"
-needs_ict = pytest.mark.skipif(not ICT_PATH.is_file(), reason=f"ICT-FaceKit asset missing at {ICT_PATH}")
 
 
 # ----------------------------------------------------------------------------------------- camera

@@ -18,8 +18,8 @@ from facedetail.detect.landmarks import (
     fan_weight_path,
     mediapipe_to_ibug68,
 )
+from tests.conftest import FACES
 
-FACES = Path(__file__).resolve().parents[1] / ".." / "shared" / "assets" / "faces"
 # Five points (left eye, right eye, nose, mouth left, mouth right; image pixels) per photo: MTCNN's output for
 # obama.jpg (facedetail.detect.mtcnn, rounded), the Deep3DFaceRecon-format detection files for CelebA examples.
 OBAMA_POINTS5 = np.array([[443.4, 215.3], [551.4, 212.9], [495.6, 280.0], [435.7, 322.3], [556.7, 319.7]])

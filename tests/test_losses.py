@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,8 +15,8 @@ from facedetail.losses import (
     validate_schedule,
     weight_at,
 )
+from tests.conftest import REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def _two_by_two_pair() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

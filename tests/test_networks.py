@@ -10,8 +10,8 @@ from torch import nn
 from facedetail.models.detail_model import DetailGenerator
 from facedetail.models.discriminator import PatchDiscriminator, build_discriminator, patchgan_receptive_field
 from facedetail.models.generator import UNetGenerator
+from tests.conftest import REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 SMALL_MODEL = {"ngf": 8, "num_downs": 4, "norm": "instance", "embedding_channels": 6, "regions": 3, "kernel_size": 3,
                "filter_pool": 4, "max_displacement": 0.3}
 

@@ -31,8 +31,8 @@ from facedetail.parsing.skin_mask import (
     rgb_to_ycbcr,
     skin_probability,
 )
+from tests.conftest import FACES
 
-FACES = Path(__file__).resolve().parents[1] / ".." / "shared" / "assets" / "faces"
 # MTCNN's five points for obama.jpg (left eye, right eye, nose, mouth left, mouth right; rounded).
 OBAMA_POINTS5 = np.array([[443.4, 215.3], [551.4, 212.9], [495.6, 280.0], [435.7, 322.3], [556.7, 319.7]])
 

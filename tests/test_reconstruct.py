@@ -1,4 +1,4 @@
-"""Tests of facedetail.reconstruct: detailed reconstruction of real photos, exports, re-targeting.
+"""Tests of facedetail.engine: detailed reconstruction of real photos, exports, re-targeting.
 
 A tiny detail generator (seeded, freshly initialised, uv_size 32) stands in for a trained model: the tests
 check the plumbing (shapes, frames, files, round trips), not the quality of a trained model. A freshly
@@ -18,34 +18,23 @@ import torch
 from facedetail.detect.align import original_to_aligned
 from facedetail.io.export import read_displacement_png16
 from facedetail.models.detail_model import DetailGenerator
-from facedetail.reconstruct import (
-    FaceReconstruction,
-    Reconstructor,
-    export_face,
-    export_fit,
-    face_stems,
-    latest_versioned_file,
-    load_detail_checkpoint,
-    torch_threads,
-)
+from facedetail.engine.checkpoint import latest_versioned_file, load_detail_checkpoint
+from facedetail.engine.export import export_face, export_fit
+from facedetail.engine.fitter import torch_threads
+from facedetail.engine.reconstructor import FaceReconstruction, Reconstructor
+from facedetail.engine.retarget import expression_sweep, retarget
+from facedetail.io.face_ids import image_stems
 from facedetail.training.checkpoint import CheckpointError
+from tests.conftest import EXPRESSIONS, ICT_PATH, OBAMA, REPO_ROOT, TWO_PEOPLE, needs_assets
 
-PROJECT = Path(__file__).resolve().parents[1]
-FACES = PROJECT.parent / "shared" / "assets" / "faces"
-OBAMA = FACES / "portraits" / "obama.jpg"
-TWO_PEOPLE = FACES / "portraits" / "two_people.jpg"
-EXPRESSIONS = FACES / "expressions_one_person"
-ICT = PROJECT.parent / "shared" / "assets" / "ict_facekit" / "ict_face_only_9409.npz"
+PROJECT = REPO_ROOT
+ICT = ICT_PATH
 UV_SIZE = 32
 EXPORT_SIZE = 128  # the default is 256; 128 keeps the dense OBJ small for the tests
 #: Shorter fits than the defaults (360 steps) keep the tests fast; landmarks still converge on these portraits.
 FAST_FITTING = {"rigid_steps": 30, "landmark_steps": 80, "photometric_steps": 15}
 TINY_CONFIG = {"ngf": 8, "num_downs": 3, "embedding_channels": 4, "regions": 2, "filter_hidden": 8, "max_displacement": 0.3}
 
-needs_assets = pytest.mark.skipif(
-    not (OBAMA.is_file() and TWO_PEOPLE.is_file() and ICT.is_file()),
-    reason=f"needs ../shared/assets ({OBAMA.name}, {TWO_PEOPLE.name}, ICT face model); not present on this machine",
-)
 
 
 def tiny_checkpoint(seed: int = 0, uv_size: int = UV_SIZE) -> dict:
@@ -137,10 +126,10 @@ def test_fresh_generator_has_nonzero_displacement():
     assert (first - second).abs().mean() > 1e-4  # the expression map drives the displacement
 
 
-def test_face_stems_are_unique_and_file_safe():
-    assert face_stems(["a.jpg", "sub/b.png", "a.png", "c.v2.jpg"]) == ["a_jpg", "sub__b", "a_png", "c.v2"]
-    assert face_stems(["x.jpg", "x.jpg"]) == ["x_jpg", "x_jpg_1"]
-    assert face_stems(["/data/photos/obama.jpg", "../up/b.png"]) == ["obama", "b"]  # absolute: the file name only
+def test_image_stems_are_unique_and_file_safe():
+    assert image_stems(["a.jpg", "sub/b.png", "a.png", "c.v2.jpg"]) == ["a_jpg", "sub__b", "a_png", "c.v2"]
+    assert image_stems(["x.jpg", "x.jpg"]) == ["x_jpg", "x_jpg_1"]
+    assert image_stems(["/data/photos/obama.jpg", "../up/b.png"]) == ["obama", "b"]  # absolute: the file name only
 
 
 # ---------------------------------------------------------------------------------------------- reconstruction
@@ -341,7 +330,7 @@ def expression_faces(reconstructor):
 def test_retarget_keeps_identity_and_changes_displacement(obama, expression_faces, reconstructor):
     layout = reconstructor.face_model.layout
     exp = layout.slices["exp"]
-    first, second = reconstructor.retarget(obama, expression_faces)
+    first, second = retarget(reconstructor, obama, expression_faces)
     for result, target in zip((first, second), expression_faces):
         rec = result["reconstruction"]
         assert rec.face_id == f"obama__f0__as__{target.face_id}"
@@ -359,16 +348,16 @@ def test_retarget_keeps_identity_and_changes_displacement(obama, expression_face
     # of the same computation is < 1e-5 (checked below)
     assert difference > max(1e-4, 0.1 * scale), (difference, scale)
     # the source's own expression reproduces the source's displacement (same embedding, same expression map)
-    (same,) = reconstructor.retarget(obama, [obama])
+    (same,) = retarget(reconstructor, obama, [obama])
     np.testing.assert_allclose(same["displacement"], obama.displacement, atol=1e-5)
 
 
 @needs_assets
 def test_expression_sweep_frames(obama, expression_faces, reconstructor):
-    frames = reconstructor.expression_sweep(obama, expression_faces[0], n_frames=3)
+    frames = expression_sweep(reconstructor, obama, expression_faces[0], n_frames=3)
     assert len(frames) == 3 and all(f.shape == (224, 3 * 224, 3) and f.dtype == np.uint8 for f in frames)
     # starts at the source expression (batched float round-off may move a pixel by one level)
     assert np.abs(frames[0][:, :224].astype(int) - obama.renders["detailed"]).max() <= 1
     assert np.abs(frames[0].astype(int) - frames[-1]).mean() > 1.0
     with pytest.raises(ValueError, match="n_frames"):
-        reconstructor.expression_sweep(obama, expression_faces[0], n_frames=1)
+        expression_sweep(reconstructor, obama, expression_faces[0], n_frames=1)

@@ -1,28 +1,26 @@
-"""Tests of the rasterizer backends, interpolation, UV sampling and the Renderer API."""
+"""Tests of the rasterizer backends, interpolation and UV sampling (the low layer of facedetail.render)."""
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from facedetail.render import (
-    Renderer,
     interpolate,
+    interpolate_packed,
     interpolate_uv,
+    pixel_batch_index,
     pytorch3d_available,
     rasterize,
     rasterize_fast,
     rasterize_pytorch3d,
-    render_mesh,
     resolve_backend,
     sample_uv_map,
 )
+from tests.conftest import ICT_PATH, needs_ict
 
-ICT_PATH = Path(__file__).resolve().parents[2] / "shared" / "assets" / "ict_facekit" / "ict_face_only_9409.npz"
-needs_ict = pytest.mark.skipif(not ICT_PATH.exists(), reason=f"ICT-FaceKit asset missing at {ICT_PATH}")
 needs_pytorch3d = pytest.mark.skipif(not pytorch3d_available(), reason="pytorch3d with compiled ops not installed")
 
 
@@ -237,7 +235,7 @@ def test_parity_non_square_perspective_correct_and_gradients() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# UV sampling and the Renderer API
+# UV sampling and textured / vertex-colour renders built from the functions
 # ---------------------------------------------------------------------------------------------
 
 
@@ -250,7 +248,7 @@ def test_sample_uv_map_origin_is_bottom_left() -> None:
     assert sampled.flatten().tolist() == [0.0, 15.0, 13.0]
 
 
-def test_renderer_outputs_texture_normals_depth_and_uv() -> None:
+def test_rasterized_square_gives_texture_normals_depth_and_uv() -> None:
     # A square facing the camera, UVs = its corners, normals towards the camera.
     verts = torch.tensor([[[2.0, 2.0, 3.0], [14.0, 2.0, 3.0], [2.0, 14.0, 3.0], [14.0, 14.0, 3.0]]])
     faces = torch.tensor([[0, 2, 1], [1, 2, 3]])  # counter-clockwise on screen
@@ -258,18 +256,22 @@ def test_renderer_outputs_texture_normals_depth_and_uv() -> None:
     texture = torch.zeros(1, 3, 8, 8)
     texture[:, 0, :4] = 1.0  # red in the top half (v > 0.5)
     normals = torch.tensor([[0.0, 0.0, -1.0]]).expand(4, 3)
-    renderer = Renderer(16, backend="fast", cull_backfaces=True)
-    out = renderer(verts, faces, vertex_normals=normals, tri_uv_idx=faces, uv=uv, uv_texture=texture)
-    assert out.image.shape == (1, 3, 16, 16) and out.mask.shape == (1, 1, 16, 16)
-    assert out.mask[0, 0, 2:14, 2:14].eq(1).all() and out.mask.sum() == 144
-    torch.testing.assert_close(out.depth[0, 0, 2:14, 2:14], torch.full((12, 12), 3.0))
-    assert out.depth[0, 0, 0, 0] == 0
-    assert out.image[0, 0, 3:7, 2:14].gt(0.99).all() and out.image[0, 0, 9:14, 2:14].lt(0.01).all()
-    assert out.image[:, :, 0].eq(0).all()  # background
-    torch.testing.assert_close(out.normals[0, :, 8, 8], torch.tensor([0.0, 0.0, -1.0]))
-    torch.testing.assert_close(out.uv[0, 2, 2], torch.tensor([0.5 / 12, 1 - 0.5 / 12]))
+    fragments = rasterize(verts, faces, 16, backend="fast", cull_backfaces=True)
+    mask = fragments.mask[:, None].float()
+    depth = torch.where(fragments.mask, fragments.zbuf, torch.zeros_like(fragments.zbuf))[:, None]
+    pixel_uv = interpolate_uv(fragments, faces, uv)
+    image = sample_uv_map(texture, pixel_uv, mask=mask)
+    pixel_normals = torch.nn.functional.normalize(interpolate(fragments, faces, normals), dim=-1, eps=1e-12).permute(0, 3, 1, 2)
+    assert image.shape == (1, 3, 16, 16) and mask.shape == (1, 1, 16, 16)
+    assert mask[0, 0, 2:14, 2:14].eq(1).all() and mask.sum() == 144
+    torch.testing.assert_close(depth[0, 0, 2:14, 2:14], torch.full((12, 12), 3.0))
+    assert depth[0, 0, 0, 0] == 0
+    assert image[0, 0, 3:7, 2:14].gt(0.99).all() and image[0, 0, 9:14, 2:14].lt(0.01).all()
+    assert image[:, :, 0].eq(0).all()  # background
+    torch.testing.assert_close(pixel_normals[0, :, 8, 8], torch.tensor([0.0, 0.0, -1.0]))
+    torch.testing.assert_close(pixel_uv[0, 2, 2], torch.tensor([0.5 / 12, 1 - 0.5 / 12]))
     # Same faces wound clockwise on screen are culled.
-    assert renderer(verts, faces[:, [0, 2, 1]]).mask.sum() == 0
+    assert rasterize(verts, faces[:, [0, 2, 1]], 16, backend="fast", cull_backfaces=True).mask.sum() == 0
 
 
 def test_vertex_colours_and_texture_give_the_same_image_for_linear_colours() -> None:
@@ -281,11 +283,12 @@ def test_vertex_colours_and_texture_give_the_same_image_for_linear_colours() -> 
     centres = (torch.arange(size) + 0.5) / size
     v_grid, u_grid = 1 - centres[:, None].expand(size, size), centres[None, :].expand(size, size)
     texture = torch.stack([u_grid, v_grid, 1 - u_grid])[None]
-    from_colours = render_mesh(verts, faces, 32, vertex_colors=colours)
-    from_texture = render_mesh(verts, faces, 32, tri_uv_idx=faces, uv=uv, uv_texture=texture)
-    inner = from_colours.mask[0, 0].bool()
+    fragments = rasterize(verts, faces, 32)
+    from_colours = interpolate(fragments, faces, colours).permute(0, 3, 1, 2)
+    from_texture = sample_uv_map(texture, interpolate_uv(fragments, faces, uv), mask=fragments.mask)
+    inner = fragments.mask[0].clone()
     inner[:2], inner[-3:], inner[:, :2], inner[:, -3:] = False, False, False, False  # texture border clamp
-    torch.testing.assert_close(from_colours.image[0][:, inner], from_texture.image[0][:, inner], atol=1e-5, rtol=0)
+    torch.testing.assert_close(from_colours[0][:, inner], from_texture[0][:, inner], atol=1e-5, rtol=0)
 
 
 def test_interpolate_broadcasts_one_rasterization_over_a_batch_of_attributes() -> None:
@@ -301,6 +304,17 @@ def test_interpolate_broadcasts_one_rasterization_over_a_batch_of_attributes() -
     assert uv.shape == (1, 8, 8, 2)
 
 
+def test_interpolate_packed_is_interpolate_at_the_covered_pixels() -> None:
+    verts = torch.tensor([[[0.0, 0.0, 1.0], [8.0, 0.0, 1.0], [0.0, 8.0, 1.0]]]).repeat(2, 1, 1)
+    verts[1, :, :2] += 1.0
+    faces = torch.tensor([[0, 1, 2]])
+    fragments = rasterize_fast(verts, faces, 8)
+    attrs = torch.randn(2, 3, 4)
+    dense = interpolate(fragments, faces, attrs).reshape(-1, 4)
+    torch.testing.assert_close(interpolate_packed(fragments, faces, attrs), dense[fragments.pixel_index])
+    assert pixel_batch_index(fragments).tolist() == (fragments.pixel_index // 64).tolist()
+
+
 def test_backend_selection_and_bad_inputs() -> None:
     assert resolve_backend("auto", "cpu") == "fast"
     with pytest.raises(ValueError, match="backend must be one of"):
@@ -314,8 +328,6 @@ def test_backend_selection_and_bad_inputs() -> None:
         rasterize(verts, torch.tensor([[0.0, 1.0, 2.0]]), 8)
     with pytest.raises(ValueError, match="image_size"):
         rasterize(verts, torch.tensor([[0, 1, 2]]), (8, 0))
-    with pytest.raises(ValueError, match="together"):
-        Renderer(8).render(verts, torch.tensor([[0, 1, 2]]), uv=torch.zeros(3, 2))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import pytest
 import torch
@@ -10,11 +9,12 @@ import torch
 from facedetail.geometry.face_model import load_face_model
 from facedetail.geometry.uv import expression_map
 from facedetail.losses.photometric import masked_photometric_loss
-from facedetail.training.detail_render import DetailRenderer
+from facedetail.render.detail import DetailRenderer
 from facedetail.training.loop import DetailTrainer, FaceTensors, TrainingError, validation_split
+from tests.conftest import ICT_PATH, needs_ict
 
-ICT = Path(__file__).resolve().parents[1] / ".." / "shared" / "assets" / "ict_facekit" / "ict_face_only_9409.npz"
-pytestmark = pytest.mark.skipif(not ICT.is_file(), reason=f"ICT-FaceKit model not found at {ICT}")
+ICT = ICT_PATH
+pytestmark = needs_ict
 UV = 32
 DIRECTIONAL_LIGHT = [0.0, 0.0, 0.4, -0.3, 0.0, 0.0, 0.0, 0.0, 0.0] * 3
 

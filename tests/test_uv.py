@@ -1,7 +1,6 @@
 """Tests of UV baking (expression maps) and texture unwrapping."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,11 +13,17 @@ from facedetail.geometry.uv import (
     fill_invalid_texels,
     unwrap_texture,
 )
-from facedetail.render import interpolate_uv, rasterize_fast, render_mesh, sample_uv_map
+from facedetail.render import interpolate_uv, rasterize, rasterize_fast, sample_uv_map
+from tests.conftest import ICT_PATH, needs_ict
 
-ICT_PATH = Path(__file__).resolve().parents[2] / "shared" / "assets" / "ict_facekit" / "ict_face_only_9409.npz"
-needs_ict = pytest.mark.skipif(not ICT_PATH.exists(), reason=f"ICT-FaceKit asset missing at {ICT_PATH}")
 
+
+
+def render_texture(screen: torch.Tensor, faces: torch.Tensor, tri_uv_idx: torch.Tensor, uv: torch.Tensor,
+                   texture: torch.Tensor, size: int) -> torch.Tensor:
+    """(B, C, size, size) render of a UV texture on meshes (background 0), from the render functions."""
+    fragments = rasterize(screen, faces, size)
+    return sample_uv_map(texture, interpolate_uv(fragments, tri_uv_idx, uv), mask=fragments.mask)
 
 def grid_mesh(cells: int, jitter: float = 0.0, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Points of a (cells+1)^2 grid over [0, 1]^2 (interior points jittered) and its triangles,
@@ -128,7 +133,7 @@ def test_unwrap_recovers_texture_of_a_rendered_plane() -> None:
     screen, faces, uv = textured_plane(8, (10.0, 118.0), (10.0, 118.0), 5.0, (0.0, 0.0, 1.0, 1.0))
     texture_size = 128
     texture = smooth_texture(*texel_centres(texture_size))[None]
-    image = render_mesh(screen[None], faces, 128, tri_uv_idx=faces, uv=uv, uv_texture=texture).image
+    image = render_texture(screen[None], faces, faces, uv, texture, 128)
     unwrapped, visible = unwrap_texture(image, screen[None], faces, faces, uv, size=64)
     assert unwrapped.shape == (1, 3, 64, 64) and visible.shape == (1, 1, 64, 64)
     assert visible.mean() > 0.95
@@ -193,7 +198,7 @@ def test_unwrap_recovers_texture_of_rendered_ict_face() -> None:
     depth = 130.0 - world[:, 2]
     screen = torch.stack([1015 * world[:, 0] / depth + 112, 112 - 1015 * (world[:, 1] - 0.4) / depth, depth], -1)[None]
     texture = smooth_texture(*texel_centres(256))[None]
-    image = render_mesh(screen, faces, 224, tri_uv_idx=tri_uv_idx, uv=uv, uv_texture=texture).image
+    image = render_texture(screen, faces, tri_uv_idx, uv, texture, 224)
     unwrapped, visible = unwrap_texture(image, screen, faces, tri_uv_idx, uv, size=128)
     seen = visible[0, 0] > 0
     uv_screen = torch.stack([uv[:, 0] * 128, (1 - uv[:, 1]) * 128, torch.zeros(len(uv))], -1)[None]

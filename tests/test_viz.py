@@ -23,8 +23,8 @@ from facedetail.viz_check import (
     rendered_node_names,
     selected_pipeline_name,
 )
+from tests.conftest import REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 SCREENSHOT = REPO_ROOT / "data" / "08_reporting" / "viz" / "kedro_viz_train.png"
 #: Nodes of the stages that `train` chains: one node per step of the design card's chain.
 TRAIN_TASKS = {"detect_and_align_faces", "detect_landmarks", "make_face_masks", "embed_faces", "fit_face_coefficients",

@@ -28,7 +28,6 @@ logger = logging.getLogger("facedetail.cli")
 
 #: Default location of the trained checkpoint (the train pipeline's versioned ``detail_model`` dataset).
 DEFAULT_CHECKPOINT = "data/06_models/detail_generator.pt"
-DEFAULT_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 #: URI prefixes resolved through MLflow (anything else is a local path).
 MLFLOW_URI_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")
 #: Parameter paths (block, key) that name files/folders, resolved against the project root when relative.
@@ -125,23 +124,14 @@ def tracking_uri_from_config(mlflow_config: dict[str, Any], project_root: Path) 
 # ---------------------------------------------------------------------------------------------- inputs
 
 
-def list_images(folder: str | os.PathLike, extensions: Sequence[str] = DEFAULT_IMAGE_EXTENSIONS) -> tuple[list[Path], list[str]]:
-    """Image files of a folder (recursive, sorted) and their names (paths relative to it); a single file is accepted.
+def list_images(folder: str | os.PathLike, extensions: Sequence[str] | None = None) -> tuple[list[Path], list[str]]:
+    """:func:`facedetail.engine.inputs.list_images` (default: its image extensions), its errors as :class:`CliError`."""
+    from facedetail.engine.inputs import DEFAULT_IMAGE_EXTENSIONS, InputError, list_images as engine_list_images
 
-    Raises:
-        CliError: the folder does not exist or holds no file with an image extension.
-    """
-    root = Path(folder)
-    wanted = tuple(e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions)
-    if root.is_file():
-        return [root], [root.name]
-    if not root.is_dir():
-        raise CliError(f"image folder not found: {root}")
-    # symlinks count even when broken or looping: reading them gives their report row, never a silent drop
-    files = sorted(p for p in root.rglob("*") if (p.is_file() or p.is_symlink()) and p.suffix.lower() in wanted)
-    if not files:
-        raise CliError(f"no images in {root} (looked for files ending in {', '.join(wanted)})")
-    return files, [p.relative_to(root).as_posix() for p in files]
+    try:
+        return engine_list_images(folder, extensions or DEFAULT_IMAGE_EXTENSIONS)
+    except InputError as error:
+        raise CliError(str(error)) from error
 
 
 def resolve_checkpoint(model_uri_or_path: str | None, project_root: str | os.PathLike | None = None,
@@ -158,7 +148,7 @@ def resolve_checkpoint(model_uri_or_path: str | None, project_root: str | os.Pat
     Raises:
         CliError: nothing found (message says where it looked and what to do).
     """
-    from facedetail.reconstruct import latest_versioned_file
+    from facedetail.engine.checkpoint import latest_versioned_file
     from facedetail.training.checkpoint import CheckpointError
 
     root = Path(project_root) if project_root is not None else Path.cwd()
@@ -221,14 +211,9 @@ def _download_mlflow_checkpoint(model_uri: str, tracking_uri: str | None) -> Pat
 
 
 def _write_report(rows: list[dict[str, Any]], path: Path) -> Path:
-    import pandas as pd
+    from facedetail.engine.export import write_report
 
-    from facedetail.reconstruct import REPORT_COLUMNS
-
-    frame = pd.DataFrame(rows)
-    columns = REPORT_COLUMNS + [c for c in frame.columns if c not in REPORT_COLUMNS]
-    frame.reindex(columns=columns).to_csv(path, index=False)
-    return path
+    return write_report(rows, path)
 
 
 def _setup(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any], Path]:
@@ -260,6 +245,8 @@ def _validate(params: dict[str, Any]) -> None:
 
 
 def _extensions(params: dict[str, Any]) -> list[str]:
+    from facedetail.engine.inputs import DEFAULT_IMAGE_EXTENSIONS
+
     return list(params.get("data_prep", {}).get("image_extensions", DEFAULT_IMAGE_EXTENSIONS))
 
 
@@ -275,13 +262,15 @@ def command_fit(args: argparse.Namespace) -> int:
     """``facedetail fit IMAGE_DIR OUT_DIR``: landmarks, mask source and coefficients per face (JSON + overlay)."""
     from tqdm.auto import tqdm
 
-    from facedetail.reconstruct import FaceFitter, export_fit, face_stems, torch_threads
+    from facedetail.engine.export import export_fit
+    from facedetail.engine.fitter import FaceFitter, torch_threads
+    from facedetail.io.face_ids import image_stems
 
     params, _, _ = _setup(args)
     files, names = list_images(args.image_dir, _extensions(params))
     out = _out_dir(args.out_dir)
     fitter = FaceFitter.from_params(params, params.get("device", "auto"))
-    stems = face_stems(names)
+    stems = image_stems(names)
     rows: list[dict[str, Any]] = []
     faces_written = 0
     try:
@@ -306,7 +295,7 @@ def command_fit(args: argparse.Namespace) -> int:
 
 
 def _reconstructor(args: argparse.Namespace, params: dict[str, Any], mlflow_config: dict[str, Any], root: Path):
-    from facedetail.reconstruct import Reconstructor
+    from facedetail.engine.reconstructor import Reconstructor
     from facedetail.training.checkpoint import CheckpointError
 
     if args.model and args.checkpoint:
@@ -320,7 +309,7 @@ def _reconstructor(args: argparse.Namespace, params: dict[str, Any], mlflow_conf
 
 def command_reconstruct(args: argparse.Namespace) -> int:
     """``facedetail reconstruct IMAGE_DIR OUT_DIR``: meshes, maps, coefficients, strips and JSON per face."""
-    from facedetail.reconstruct import export_face
+    from facedetail.engine.export import export_face
 
     params, mlflow_config, root = _setup(args)
     files, names = list_images(args.image_dir, _extensions(params))
@@ -342,20 +331,9 @@ def command_reconstruct(args: argparse.Namespace) -> int:
     return 0
 
 
-def _pad_to_width(rows: list[Any], width: int) -> list[Any]:
-    import numpy as np
-
-    return [np.pad(row, ((0, 0), (0, width - row.shape[1]), (0, 0))) for row in rows]
-
-
 def command_retarget(args: argparse.Namespace) -> int:
     """``facedetail retarget SOURCE EXPRESSION... OUT_DIR``: the source face with each photo's expression."""
-    import numpy as np
-    import pandas as pd
-
-    from facedetail.io.export import make_strip, write_gif
-    from facedetail.io.images import save_png
-    from facedetail.reconstruct import displacement_to_rgb, export_face, torch_threads
+    from facedetail.engine.retarget import NoFaceError, retarget_photos
 
     if len(args.paths) < 3:
         raise CliError("retarget needs SOURCE_IMAGE, at least one EXPRESSION_IMAGE (or folder) and OUT_DIR")
@@ -369,52 +347,15 @@ def command_retarget(args: argparse.Namespace) -> int:
         expression_files.extend(files)
     out = _out_dir(out_arg)
     with _reconstructor(args, params, mlflow_config, root) as reconstructor:
-        sources = reconstructor.reconstruct_images([source_path], [source_path.name])
-        if not sources:
-            reason = "; ".join(row["reason"] for row in reconstructor.last_report) or "no face"
-            raise CliError(f"no face reconstructed in the source image {source_path}: {reason}", code=1)
-        if args.source_face >= len(sources):
-            raise CliError(f"--source-face {args.source_face}: the source image has {len(sources)} face(s)")
-        source = sources[args.source_face]
-        names = [p.name for p in expression_files]
-        with torch_threads(reconstructor.cpu_threads):
-            fitted = reconstructor.fitter.fit_images(expression_files, names)
-        report = list(reconstructor.fitter.last_report)
-        targets = [face for face in fitted if face.face_index == 0]  # the first (leftmost) face of each photo
-        if not targets:
-            raise CliError("no face found in any expression image: " + "; ".join(f"{r['image']}: {r['reason']}" for r in report),
-                           code=1)
-        results = reconstructor.retarget(source, targets)
-        export_face(source, out, reconstructor.face_model)
-        scale = max(float(np.abs(r["displacement"]).max()) for r in results)
-        scale = max(scale, float(np.abs(source.displacement).max()), 1e-9)
-        summary, strip_rows = [], []
-        header = make_strip([source.aligned, source.renders["detailed"], displacement_to_rgb(source.displacement, scale, 224)],
-                            ["source photo", "source detailed render", "source displacement"], height=224)
-        strip_rows.append(header)
-        for result in results:
-            rec = result["reconstruction"]
-            written = export_face(rec, out, reconstructor.face_model)
-            strip_rows.append(make_strip(
-                [result["target_aligned"], result["renders"]["detailed"], displacement_to_rgb(result["displacement"], scale, 224)],
-                [f"target {result['target_image']}", "detailed, source identity", "displacement"], height=224))
-            difference = np.abs(result["displacement"] - source.displacement)[source.uv_valid]
-            summary.append({"target_image": result["target_image"], "target_face_id": result["target_face_id"],
-                            "face_id": rec.face_id, "mean_abs_displacement": float(np.abs(result["displacement"]).mean()),
-                            "mean_abs_difference_from_source": float(difference.mean()),
-                            "obj": Path(written["detail_obj"]).name, "displacement_png": Path(written["displacement_png"]).name})
-        width = max(row.shape[1] for row in strip_rows)
-        save_png(np.concatenate(_pad_to_width(strip_rows, width), axis=0), out / "retarget_strip.png")
-        frames: list[Any] = []
-        chain = [source, *targets]
-        for index, (start_face, end_face) in enumerate(zip(chain[:-1], chain[1:])):
-            segment = reconstructor.expression_sweep(source, end_face, args.frames, start=start_face, displacement_scale=scale)
-            frames.extend(segment if index == 0 else segment[1:])  # a segment starts where the previous one ended
-        write_gif(out / "expression_sweep.gif", frames, fps=args.fps)
-    pd.DataFrame(summary).to_csv(out / "retarget_summary.csv", index=False)
-    _write_report(report, out / "retarget_report.csv")
-    print(f"retarget: {source.face_id} with {len(results)} expression(s) -> {out} "
-          f"(retarget_strip.png, expression_sweep.gif, {len(frames)} frames)")
+        try:
+            outcome = retarget_photos(reconstructor, source_path, expression_files, out, source_face=args.source_face,
+                                      frames=args.frames, fps=args.fps)
+        except NoFaceError as error:
+            raise CliError(str(error), code=1) from error
+        except ValueError as error:
+            raise CliError(str(error)) from error
+    print(f"retarget: {outcome.source.face_id} with {len(outcome.results)} expression(s) -> {out} "
+          f"(retarget_strip.png, expression_sweep.gif, {outcome.frames} frames)")
     return 0
 
 

@@ -113,7 +113,7 @@ class MasksParams(Section):
 
 
 class FittingParams(Section):
-    """Mirror of :class:`facedetail.models.fitting.FitSettings` (tests/test_config.py keeps the two in step)."""
+    """Mirror of :class:`facedetail.estimation.fitting.FitSettings` (tests/test_config.py keeps the two in step)."""
 
     rigid_steps: NonNegativeInt = 60
     landmark_steps: NonNegativeInt = 240

@@ -6,7 +6,7 @@ the photo, and the landmark error of the coarse fit (normalised by the outer-eye
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any
 
 import matplotlib
 
@@ -20,17 +20,10 @@ import torch.nn.functional as F  # noqa: E402
 from facedetail.geometry.face_model import FaceModel  # noqa: E402
 from facedetail.losses.photometric import masked_photometric_loss  # noqa: E402
 from facedetail.models.detail_model import DetailGenerator  # noqa: E402
-from facedetail.training.detail_render import DetailRenderer  # noqa: E402
+from facedetail.render.detail import DetailRenderer  # noqa: E402
 from facedetail.training.loop import FaceTensors  # noqa: E402
 
 METRICS = ("photometric_l1", "facenet_cosine")
-
-
-def generator_from_checkpoint(checkpoint: Mapping[str, Any], device: torch.device) -> DetailGenerator:
-    """Rebuild the generator stored by the train pipeline (``detail_model``)."""
-    generator = DetailGenerator.from_config(checkpoint["model_config"])
-    generator.load_state_dict(checkpoint["generator"])
-    return generator.to(device).eval()
 
 
 @torch.no_grad()

@@ -30,7 +30,7 @@ class FaceDetailPyfunc(mlflow.pyfunc.PythonModel):
     """Image in, detailed face parameters out (see the module docstring)."""
 
     def load_context(self, context: Any) -> None:
-        from facedetail.reconstruct import Reconstructor
+        from facedetail.engine.reconstructor import Reconstructor
 
         params = json.loads(Path(context.artifacts[ARTIFACT_PARAMS]).read_text())
         if ARTIFACT_FACE_MODEL in context.artifacts:

@@ -22,17 +22,27 @@ Records per stage (arrays as stored; ``face_id``, ``face_sha256``, ``status``, `
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import cv2
 import numpy as np
+import pandas as pd
 import torch
+
+from facedetail.detect.faces import detect_and_align
+from facedetail.io.face_ids import make_face_id
+from facedetail.io.images import ImageReadError, read_image
 
 from facedetail.data.stages import ShardInput, ShardStage
 from facedetail.utils import resolve_device, settings_hash
 
+if TYPE_CHECKING:
+    from facedetail.detect.mtcnn import MtcnnFaceDetector
+
+logger = logging.getLogger(__name__)
 OK = "ok"
 
 
@@ -85,6 +95,112 @@ class _BatchedStage(ShardStage):
 
 
 # ---------------------------------------------------------------------------------------- align
+#: Columns of the data_prep manifest: one row per face, plus one row per image without a face.
+MANIFEST_COLUMNS = [
+    "image", "source_path", "sha256", "status", "reason", "face_id", "face_index", "bbox", "score",
+    "landmarks5", "trans_params", "image_width", "image_height", "grayscale", "had_alpha", "bit_depth",
+    "exif_transposed", "file_bytes", "detection_scale", "faces_in_image",
+]
+
+
+def image_row(partition_id: str, source_path: str, data: bytes, status: str, reason: str) -> dict[str, Any]:
+    """A manifest row describing the image as a whole (no face)."""
+    return {
+        "image": partition_id,
+        "source_path": source_path,
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "status": status,
+        "reason": reason,
+        "face_id": "",
+        "face_index": -1,
+        "bbox": None,
+        "score": np.nan,
+        "landmarks5": None,
+        "trans_params": None,
+        "image_width": pd.NA,
+        "image_height": pd.NA,
+        "grayscale": pd.NA,
+        "had_alpha": pd.NA,
+        "bit_depth": pd.NA,
+        "exif_transposed": pd.NA,
+        "file_bytes": len(data),
+        "detection_scale": np.nan,
+        "faces_in_image": 0,
+    }
+
+
+def process_image(
+    partition_id: str,
+    source_path: str,
+    data: bytes,
+    face_stem: str,
+    detector: "MtcnnFaceDetector",
+    params: dict[str, Any],
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Read, detect and align one file; returns (manifest rows, aligned face records).
+
+    Never raises for a bad file: the failure becomes a manifest row with a status and a reason.
+    """
+    alignment = params["alignment"]
+    try:
+        loaded = read_image(data, max_pixels=int(params["max_image_pixels"]))
+    except ImageReadError as error:
+        reason = error.reason.replace("<bytes>", source_path)
+        return [image_row(partition_id, source_path, data, error.status, reason)], []
+    facts = {
+        "image_width": loaded.width,
+        "image_height": loaded.height,
+        "grayscale": loaded.was_grayscale,
+        "had_alpha": loaded.had_alpha,
+        "bit_depth": loaded.bit_depth,
+        "exif_transposed": loaded.exif_transposed,
+    }
+    try:
+        found = detect_and_align(loaded.rgb, detector, int(alignment["crop_size"]), float(alignment["rescale_factor"]))
+        if not found.faces:
+            row = image_row(partition_id, source_path, data, found.status, found.reason)
+            row.update(facts, detection_scale=found.detection_scale)
+            return [row], []
+        rows, records = [], []
+        sha256 = hashlib.sha256(data).hexdigest()
+        for index, face, aligned in ((f.index, f.detection, f.aligned) for f in found.faces):
+            face_id = make_face_id(face_stem, index)
+            rows.append(
+                {
+                    **image_row(partition_id, source_path, data, "ok", f"face {index + 1} of {len(found.faces)}"
+                                 + found.rejections),
+                    **facts,
+                    "face_id": face_id,
+                    "face_index": index,
+                    "bbox": [float(v) for v in face.bbox],
+                    "score": face.score,
+                    "landmarks5": [float(v) for v in face.landmarks5.reshape(-1)],
+                    "trans_params": [float(v) for v in aligned.trans_params],
+                    "detection_scale": found.detection_scale,
+                    "faces_in_image": len(found.faces),
+                }
+            )
+            records.append(
+                {
+                    "face_id": face_id,
+                    "image": aligned.image,
+                    "landmarks5": aligned.landmarks5,
+                    "landmarks5_original": face.landmarks5.astype(np.float32),
+                    "trans_params": aligned.trans_params,
+                    "bbox": face.bbox.astype(np.float32),
+                    "score": np.float32(face.score),
+                    "source_sha256": sha256,
+                    "source_image": partition_id,
+                }
+            )
+        return rows, records
+    except Exception as error:  # noqa: BLE001 - one bad image must not lose the others' results
+        logger.exception("data_prep failed on %s", source_path)
+        row = image_row(partition_id, source_path, data, "error", f"{source_path}: {type(error).__name__}: {error}")
+        row.update(facts)
+        return [row], []
+
+
 class AlignStage(ShardStage):
     """Raw photos -> every face detected (MTCNN) and aligned the Deng et al. way; one manifest row per face or image."""
 
@@ -100,26 +216,17 @@ class AlignStage(ShardStage):
         return {"params": keep, "version": 1}
 
     def setup(self):
-        from facedetail.detect.mtcnn import MtcnnFaceDetector
+        from facedetail.detect.faces import detector_from_params
 
-        detection = self.params["detection"]
-        return MtcnnFaceDetector(
-            self.device,
-            min_face_size=float(detection["min_face_size"]),
-            min_probability=float(detection["min_probability"]),
-            max_detection_side=int(detection["max_detection_side"]),
-            stage_thresholds=tuple(detection["stage_thresholds"]),
-        )
+        return detector_from_params(self.params, self.device)
 
     def process(self, detector, shard: ShardInput, inputs):
-        from facedetail.pipelines.data_prep.nodes import _image_row, process_image
-
         records, report = [], []
         for partition_id, source_path, stem, *_ in shard.items:
             try:
                 data = Path(source_path).read_bytes()
             except OSError as error:  # permissions, broken link, loop, I/O error: a row, never a crash
-                report.append(_image_row(partition_id, source_path, b"", "unreadable", f"{source_path}: {error}"))
+                report.append(image_row(partition_id, source_path, b"", "unreadable", f"{source_path}: {error}"))
                 continue
             rows, faces = process_image(partition_id, source_path, data, stem, detector, self.params)
             report.extend(rows)
@@ -137,9 +244,7 @@ class AlignStage(ShardStage):
         return records, report
 
     def failed(self, shard: ShardInput, reason: str):
-        from facedetail.pipelines.data_prep.nodes import _image_row
-
-        return [], [_image_row(item[0], item[1], b"", "error", reason) for item in shard.items]
+        return [], [image_row(item[0], item[1], b"", "error", reason) for item in shard.items]
 
 
 def image_items(partition_paths: Mapping[str, str], stems: Mapping[str, str]) -> list[tuple[str, str, str, int, int]]:
@@ -192,7 +297,7 @@ class MaskStage(_BatchedStage):
 
     def __init__(self, params, weights: Mapping[str, Any], device: str = "auto") -> None:
         super().__init__(params, device)
-        from facedetail.estimate import _optional_path
+        from facedetail.estimation.estimator import _optional_path
 
         path = _optional_path(weights.get("bisenet"))
         self.bisenet_path = str(path) if path is not None else None
@@ -209,7 +314,7 @@ class MaskStage(_BatchedStage):
         return load_bisenet(self.bisenet_path, device=resolve_device(self.device))
 
     def process_batch(self, parser, rows):
-        from facedetail.estimate import mask_options
+        from facedetail.estimation.estimator import mask_options
         from facedetail.parsing.skin_mask import face_mask
 
         out = []
@@ -259,7 +364,7 @@ class CoefficientStage(_BatchedStage):
 
     def __init__(self, params, face_model_params: Mapping[str, Any], weights: Mapping[str, Any], device: str = "auto") -> None:
         super().__init__(params, device)
-        from facedetail.estimate import _optional_path
+        from facedetail.estimation.estimator import _optional_path
 
         self.face_model_params = dict(face_model_params)
         deng = _optional_path(weights.get("deng_regressor"))
@@ -276,9 +381,9 @@ class CoefficientStage(_BatchedStage):
                 "regressor": self.deng_path if use_regressor else None, "version": 1}
 
     def setup(self):
-        from facedetail.cache import FaceCache
+        from facedetail.estimation.cache import FaceCache
         from facedetail.geometry.face_model import load_face_model_from_params
-        from facedetail.models.fitting import FitSettings
+        from facedetail.estimation.fitting import FitSettings
 
         device = resolve_device(self.device)
         regressor = None
@@ -297,7 +402,7 @@ class CoefficientStage(_BatchedStage):
     def process_batch(self, state, rows):
         from facedetail.detect.align import aligned_to_original
         from facedetail.detect.landmarks import BLENDSHAPE_NAMES
-        from facedetail.estimate import estimate_coefficients
+        from facedetail.estimation.estimator import estimate_coefficients
 
         cache = state["cache"]
         results: list[dict[str, Any] | None] = [cache.get(r[0]["face_sha256"]) if cache is not None else None for r in rows]
@@ -350,11 +455,11 @@ class UVMapStage(_BatchedStage):
         return load_face_model_from_params(self.face_model_params, resolve_device(self.device))
 
     def process_batch(self, face_model, rows):
-        from facedetail.geometry.face_uv import stored_uv_maps
+        from facedetail.geometry.face_uv import generator_inputs
 
-        images = np.stack([a["image"] for a, _ in rows])
-        coefficients = np.stack([c["coefficients"] for _, c in rows])
-        maps = stored_uv_maps(face_model, coefficients, images, int(self.params["uv_size"]), self.params.get("backend", "auto"))
+        images = torch.from_numpy(np.stack([a["image"] for a, _ in rows])).permute(0, 3, 1, 2).to(face_model.device)
+        coefficients = torch.from_numpy(np.stack([c["coefficients"] for _, c in rows])).to(face_model.device)
+        maps = generator_inputs(face_model, coefficients, images, int(self.params["uv_size"]), self.params.get("backend", "auto"))
         return [
             {**_base(a), "expression_map": maps["expression_maps"][j], "uv_texture": maps["uv_textures"][j],
              "texture_valid": maps["texture_valid"][j], "expression_valid": maps["expression_valid"]}

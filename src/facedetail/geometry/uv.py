@@ -1,6 +1,6 @@
 """UV-space baking: per-vertex values to UV maps, expression maps, and texture unwrapping.
 
-UV conventions are those of :mod:`facedetail.render.renderer`: ``(u, v)`` in [0, 1] with the origin
+UV conventions are those of :mod:`facedetail.render.rasterizer`: ``(u, v)`` in [0, 1] with the origin
 at the bottom-left (OBJ), so a UV map ``(B, C, S, S)`` has texel ``(row r, col c)`` centred at
 ``u = (c + 0.5) / S``, ``v = 1 - (r + 0.5) / S``. A mesh in UV space is rasterized with the fast
 rasterizer using ``(x_px, y_px) = (u S, (1 - v) S)`` as screen coordinates and the per-corner UV
@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from facedetail.render.fragments import Fragments
 from facedetail.render.rasterize_fast import rasterize_fast
-from facedetail.render.renderer import interpolate, rasterize
+from facedetail.render.rasterizer import interpolate, rasterize
 
 
 def _check_uv_mesh(faces: torch.Tensor, tri_uv_idx: torch.Tensor, uv: torch.Tensor) -> None:

@@ -2,7 +2,7 @@
 UV-grid mesh, 16-bit displacement PNGs with a JSON sidecar, normal-map PNGs, visualisation strips
 and GIFs (plain module, no Kedro, no torch import: torch tensors are accepted and converted).
 
-Conventions (shared with :mod:`facedetail.render.renderer` and :mod:`facedetail.geometry.uv`):
+Conventions (shared with :mod:`facedetail.render.rasterizer` and :mod:`facedetail.geometry.uv`):
 
 * **Model frame / units**: coordinates are written in the face model's units (ICT: cm, BFM: dm;
   see :func:`units_from_mm_per_unit`), x to the image right, **y up**, z towards the camera (out of

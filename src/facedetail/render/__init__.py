@@ -1,18 +1,24 @@
-"""facedetail.render (plain module, knows nothing of Kedro): rasterizer backends, interpolation, texturing.
+"""facedetail.render (plain module, knows nothing of Kedro): THE renderer, in two layers.
 
-See :mod:`facedetail.render.renderer` for the coordinate, depth and UV conventions.
+* Low layer (below :mod:`facedetail.geometry`, which bakes UV maps with it): rasterizer backends
+  (:mod:`~facedetail.render.rasterize_fast`, :mod:`~facedetail.render.rasterize_pytorch3d`),
+  :class:`Fragments` and interpolation / UV sampling (:mod:`facedetail.render.rasterizer`, conventions there).
+  These names are re-exported here.
+* High layer (above geometry; import the modules by their full path): SH shading of vertices, pixels
+  and normal maps (:mod:`facedetail.render.shading`, used by the 3DMM fitter) and the deferred
+  coarse/detailed renders of fitted faces (:mod:`facedetail.render.detail`: ``DetailRenderer``, used by
+  training, evaluation and inference).
 """
 from facedetail.render.fragments import Fragments
 from facedetail.render.rasterize_fast import rasterize_fast
 from facedetail.render.rasterize_pytorch3d import pytorch3d_available, rasterize_pytorch3d
-from facedetail.render.renderer import (
+from facedetail.render.rasterizer import (
     BACKENDS,
-    Renderer,
-    RenderOutput,
     interpolate,
+    interpolate_packed,
     interpolate_uv,
+    pixel_batch_index,
     rasterize,
-    render_mesh,
     resolve_backend,
     sample_uv_map,
     uv_to_grid,
@@ -21,15 +27,14 @@ from facedetail.render.renderer import (
 __all__ = [
     "BACKENDS",
     "Fragments",
-    "RenderOutput",
-    "Renderer",
     "interpolate",
+    "interpolate_packed",
     "interpolate_uv",
+    "pixel_batch_index",
     "pytorch3d_available",
     "rasterize",
     "rasterize_fast",
     "rasterize_pytorch3d",
-    "render_mesh",
     "resolve_backend",
     "sample_uv_map",
     "uv_to_grid",

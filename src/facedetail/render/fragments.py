@@ -1,4 +1,4 @@
-"""The rasterizer output shared by every backend (see :mod:`facedetail.render.renderer` for conventions)."""
+"""The rasterizer output shared by every backend (see :mod:`facedetail.render.rasterizer` for conventions)."""
 from __future__ import annotations
 
 from dataclasses import dataclass

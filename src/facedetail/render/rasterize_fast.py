@@ -1,7 +1,7 @@
 """A vectorised, pure-PyTorch triangle rasterizer (one face per pixel, no blur).
 
 Works on any device torch supports (CPU, CUDA) with no compiled extension. Conventions are those of
-:mod:`facedetail.render.renderer`: screen vertices ``(x_px, y_px, depth)``, x right, y down, pixel
+:mod:`facedetail.render.rasterizer`: screen vertices ``(x_px, y_px, depth)``, x right, y down, pixel
 ``(row r, col c)`` sampled at its centre ``(c + 0.5, r + 0.5)``, smaller depth wins, faces with
 depth < 0 at the pixel are ignored (behind the camera), exactly like pytorch3d's
 ``rasterize_meshes(faces_per_pixel=1, blur_radius=0)``.

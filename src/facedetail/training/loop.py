@@ -49,7 +49,7 @@ from facedetail.training.checkpoint import (
     restore_rng_state,
     unpack_history,
 )
-from facedetail.training.detail_render import DetailRenderer, FaceBatchScene
+from facedetail.render.detail import DetailRenderer, FaceBatchScene
 from facedetail.utils import settings_hash
 
 logger = logging.getLogger(__name__)

@@ -16,21 +16,13 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from facedetail.data.execution import run_face_stage
-from facedetail.data.face_stages import AlignStage, image_items
+from facedetail.data.face_stages import MANIFEST_COLUMNS, AlignStage, image_items
 from facedetail.data.shards import FaceShards
 from facedetail.data.stages import ShardInput
-from facedetail.detect.align import align_face
-from facedetail.detect.mtcnn import MtcnnFaceDetector, describe_rejections, no_face_status
+from facedetail.io.face_ids import image_stems
 from facedetail.io.images import ImageReadError, contact_sheet, draw_points, read_image
 
 logger = logging.getLogger(__name__)
-
-MANIFEST_COLUMNS = [
-    "image", "source_path", "sha256", "status", "reason", "face_id", "face_index", "bbox", "score",
-    "landmarks5", "trans_params", "image_width", "image_height", "grayscale", "had_alpha", "bit_depth",
-    "exif_transposed", "file_bytes", "detection_scale", "faces_in_image",
-]
-
 
 def _source_path(partition_id: str, loader: Callable[[], bytes]) -> str:
     """Path of a partition's file (taken from the partition's dataset when it exposes ``filepath``)."""
@@ -62,122 +54,9 @@ def select_image_partitions(
 
 
 def make_face_ids(partition_ids: list[str]) -> dict[str, str]:
-    """Map each partition id to a unique, file-name-safe stem used in face ids ``<stem>__f<k>``.
-
-    The stem is the path without extension, '/' replaced by '__'; when two files share a stem
-    (``a.jpg`` and ``a.png``) the extension is appended (``a_jpg``, ``a_png``).
-    """
-    stems = {pid: str(PurePosixPath(pid).with_suffix("")).replace("/", "__") for pid in partition_ids}
-    counts = Counter(stems.values())
-    return {
-        pid: (f"{stem}_{PurePosixPath(pid).suffix.lstrip('.').lower()}" if counts[stem] > 1 else stem)
-        for pid, stem in stems.items()
-    }
-
-
-def _image_row(partition_id: str, source_path: str, data: bytes, status: str, reason: str) -> dict[str, Any]:
-    """A manifest row describing the image as a whole (no face)."""
-    return {
-        "image": partition_id,
-        "source_path": source_path,
-        "sha256": hashlib.sha256(data).hexdigest(),
-        "status": status,
-        "reason": reason,
-        "face_id": "",
-        "face_index": -1,
-        "bbox": None,
-        "score": np.nan,
-        "landmarks5": None,
-        "trans_params": None,
-        "image_width": pd.NA,
-        "image_height": pd.NA,
-        "grayscale": pd.NA,
-        "had_alpha": pd.NA,
-        "bit_depth": pd.NA,
-        "exif_transposed": pd.NA,
-        "file_bytes": len(data),
-        "detection_scale": np.nan,
-        "faces_in_image": 0,
-    }
-
-
-def process_image(
-    partition_id: str,
-    source_path: str,
-    data: bytes,
-    face_stem: str,
-    detector: MtcnnFaceDetector,
-    params: dict[str, Any],
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Read, detect and align one file; returns (manifest rows, aligned face records).
-
-    Never raises for a bad file: the failure becomes a manifest row with a status and a reason.
-    """
-    alignment = params["alignment"]
-    try:
-        loaded = read_image(data, max_pixels=int(params["max_image_pixels"]))
-    except ImageReadError as error:
-        reason = error.reason.replace("<bytes>", source_path)
-        return [_image_row(partition_id, source_path, data, error.status, reason)], []
-    facts = {
-        "image_width": loaded.width,
-        "image_height": loaded.height,
-        "grayscale": loaded.was_grayscale,
-        "had_alpha": loaded.had_alpha,
-        "bit_depth": loaded.bit_depth,
-        "exif_transposed": loaded.exif_transposed,
-    }
-    try:
-        result = detector.detect(loaded.rgb)
-        if not result.faces:
-            status, reason = no_face_status(result, loaded.width, loaded.height, detector.min_face_size)
-            row = _image_row(partition_id, source_path, data, status, reason)
-            row.update(facts, detection_scale=result.detection_scale)
-            return [row], []
-        rows, records = [], []
-        sha256 = hashlib.sha256(data).hexdigest()
-        for index, face in enumerate(result.faces):
-            aligned = align_face(
-                loaded.rgb,
-                face.landmarks5,
-                crop_size=int(alignment["crop_size"]),
-                rescale_factor=float(alignment["rescale_factor"]),
-            )
-            face_id = f"{face_stem}__f{index}"
-            rows.append(
-                {
-                    **_image_row(partition_id, source_path, data, "ok", f"face {index + 1} of {len(result.faces)}"
-                                 + describe_rejections(result)),
-                    **facts,
-                    "face_id": face_id,
-                    "face_index": index,
-                    "bbox": [float(v) for v in face.bbox],
-                    "score": face.score,
-                    "landmarks5": [float(v) for v in face.landmarks5.reshape(-1)],
-                    "trans_params": [float(v) for v in aligned.trans_params],
-                    "detection_scale": result.detection_scale,
-                    "faces_in_image": len(result.faces),
-                }
-            )
-            records.append(
-                {
-                    "face_id": face_id,
-                    "image": aligned.image,
-                    "landmarks5": aligned.landmarks5,
-                    "landmarks5_original": face.landmarks5.astype(np.float32),
-                    "trans_params": aligned.trans_params,
-                    "bbox": face.bbox.astype(np.float32),
-                    "score": np.float32(face.score),
-                    "source_sha256": sha256,
-                    "source_image": partition_id,
-                }
-            )
-        return rows, records
-    except Exception as error:  # noqa: BLE001 - one bad image must not lose the others' results
-        logger.exception("data_prep failed on %s", source_path)
-        row = _image_row(partition_id, source_path, data, "error", f"{source_path}: {type(error).__name__}: {error}")
-        row.update(facts)
-        return [row], []
+    """Map each partition id to its unique, file-name-safe stem (:func:`facedetail.io.face_ids.image_stems`, the
+    rule the engine uses too); face ids are ``<stem>__f<k>``."""
+    return dict(zip(partition_ids, image_stems(partition_ids)))
 
 
 def detect_and_align_faces(

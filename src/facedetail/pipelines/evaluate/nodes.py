@@ -9,10 +9,11 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from facedetail.evaluation import comparison_figure, evaluate_faces, generator_from_checkpoint, summarise
+from facedetail.engine.checkpoint import generator_from_checkpoint
+from facedetail.evaluation import comparison_figure, evaluate_faces, summarise
 from facedetail.geometry.face_model import load_face_model_from_params
 from facedetail.models.facenet import load_face_embedder
-from facedetail.pipelines.train.nodes import assemble_face_tensors
+from facedetail.training.bundles import assemble_face_tensors
 from facedetail.utils import resolve_device
 
 logger = logging.getLogger(__name__)

@@ -1,4 +1,4 @@
-"""Nodes of the inference pipeline (thin wiring around :mod:`facedetail.reconstruct`)."""
+"""Nodes of the inference pipeline (thin wiring around :mod:`facedetail.engine`)."""
 from __future__ import annotations
 
 import logging
@@ -7,7 +7,10 @@ from typing import Any, Callable
 
 import pandas as pd
 
-from facedetail.reconstruct import REPORT_COLUMNS, Reconstructor, export_face
+from facedetail.engine.export import export_face
+from facedetail.engine.fitter import REPORT_COLUMNS
+from facedetail.engine.inputs import select_image_names
+from facedetail.engine.reconstructor import Reconstructor
 
 logger = logging.getLogger(__name__)
 
@@ -21,9 +24,9 @@ def select_images(partitions: dict[str, Callable[[], bytes]], extensions: list[s
     Raises:
         ValueError: none does (an empty or wrong folder is an error, not a silent no-op).
     """
-    wanted = tuple(e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions)
-    selected = {pid: partitions[pid] for pid in sorted(partitions) if pid.lower().endswith(wanted)}
+    selected = select_image_names(partitions, extensions)
     if not selected:
+        wanted = tuple(e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions)
         raise ValueError(
             f"inference found no images ({len(partitions)} file(s), none ending in {', '.join(wanted)}); put photos in "
             "data/01_raw/faces or point FACEDETAIL_INFERENCE_IMAGES at a folder of images"

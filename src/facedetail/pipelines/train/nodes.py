@@ -7,42 +7,15 @@ from typing import Any
 import mlflow
 import numpy as np
 import pandas as pd
-import torch
 
+from facedetail.engine.checkpoint import make_detail_checkpoint
 from facedetail.geometry.face_model import load_face_model_from_params
 from facedetail.models.facenet import load_face_embedder
-from facedetail.training.loop import DetailTrainer, FaceTensors, TrainingError, validation_split
+from facedetail.training.bundles import assemble_face_tensors
+from facedetail.training.loop import DetailTrainer, TrainingError, validation_split
 from facedetail.utils import resolve_device, seed_everything
 
 logger = logging.getLogger(__name__)
-
-
-def assemble_face_tensors(
-    aligned_faces: dict[str, np.ndarray], face_estimates: dict[str, np.ndarray], uv_maps: dict[str, np.ndarray]
-) -> FaceTensors:
-    """Join the three per-face bundles on ``face_ids`` (faces missing from any bundle are dropped, with a warning)."""
-    aligned_row = {f: i for i, f in enumerate(aligned_faces["face_ids"].tolist())}
-    estimate_row = {f: i for i, f in enumerate(face_estimates["face_ids"].tolist())}
-    face_ids = [str(f) for f in uv_maps["face_ids"].tolist() if f in aligned_row and f in estimate_row]
-    dropped = len(uv_maps["face_ids"]) - len(face_ids)
-    if dropped:
-        logger.warning("%d faces of uv_maps lack aligned crops or estimates and are not trained on", dropped)
-    uv_row = {f: i for i, f in enumerate(uv_maps["face_ids"].tolist())}
-    a = [aligned_row[f] for f in face_ids]
-    e = [estimate_row[f] for f in face_ids]
-    u = [uv_row[f] for f in face_ids]
-    if "masks" not in face_estimates:
-        raise TrainingError("face_estimates has no 'masks': rerun the estimation pipeline")
-    # Compact dtypes (uint8 images/textures, bool masks, float16 maps); the trainer converts per batch.
-    return FaceTensors(
-        face_ids,
-        torch.from_numpy(np.ascontiguousarray(aligned_faces["images"][a].transpose(0, 3, 1, 2))),
-        torch.from_numpy(face_estimates["masks"][e].astype(bool))[:, None],
-        torch.from_numpy(face_estimates["coefficients"][e].astype(np.float32)),
-        torch.from_numpy(uv_maps["uv_textures"][u]),
-        torch.from_numpy(uv_maps["texture_valid"][u].astype(bool)),
-        torch.from_numpy(uv_maps["expression_maps"][u]),
-    )
 
 
 def _mlflow_logging_callbacks():
@@ -101,14 +74,8 @@ def train_detail_generator(
     if mlflow.active_run() is not None and train_params.get("log_checkpoint_artifact", True) and result.checkpoint is not None:
         # the full training state (G, D, optimisers, RNG) of the final step, to resume or fine-tune elsewhere
         mlflow.log_artifact(str(result.checkpoint), artifact_path="train/checkpoint")
-    checkpoint = {
-        "generator": {k: v.detach().cpu() for k, v in result.generator.state_dict().items()},
-        "model_config": result.generator.config,
-        "uv_size": int(uv_maps["uv_textures"].shape[-1]),
-        "face_model_kind": face_model.kind,
-        "step": result.final_step,
-        "albedo_blur_sigma": float(train_params.get("albedo_blur_sigma", 2.0)),
-    }
+    checkpoint = make_detail_checkpoint(result.generator, int(uv_maps["uv_textures"].shape[-1]), face_model.kind, result.final_step,
+                                        float(train_params.get("albedo_blur_sigma", 2.0)))
     split = {"train": train_set.face_ids, "validation": val_set.face_ids}
     return checkpoint, pd.DataFrame(result.history), split
 

@@ -42,6 +42,8 @@ from facedetail.geometry.camera import euler_to_rotation, project_to_screen, rig
 from facedetail.geometry.face_model import FaceModel
 from facedetail.geometry.lighting import SH_AMBIENT_INIT, irradiance, sh_basis
 from facedetail.geometry.mesh import vertex_normals
+from facedetail.render.rasterizer import rasterize
+from facedetail.render.shading import covered_pixel_colours, shade_vertices
 
 logger = logging.getLogger(__name__)
 
@@ -138,12 +140,8 @@ class FitResult:
 
 
 def default_rasterizer() -> Rasterizer | None:
-    """The project's fast pure-PyTorch rasterizer, or None when the render package is unavailable."""
-    try:
-        from facedetail.render.rasterize_fast import rasterize_fast
-    except ImportError:  # pragma: no cover - the render package is part of the project
-        return None
-    return rasterize_fast
+    """The project's rasterizer (:func:`facedetail.render.rasterizer.rasterize`, backend "auto")."""
+    return rasterize
 
 
 def _unit_scale(model: FaceModel) -> float:
@@ -379,16 +377,12 @@ class _Problem:
     def vertex_colours(self, normals: torch.Tensor) -> torch.Tensor:
         """(B, V, 3) shaded colours."""
         albedo = self.model.albedo(self.tex) if self.model.has_albedo else self.albedo
-        return irradiance(normals, self.gamma) * albedo
+        return shade_vertices(albedo, normals, self.gamma)
 
     def photometric_loss(self, screen: torch.Tensor, colours: torch.Tensor) -> torch.Tensor:
         """(B,) mean L2 colour distance over covered face-region pixels inside the image mask."""
         fragments = self.rasterizer(screen, self.photo_triangles, (self.height, self.width))
-        pixel_index, face_index, bary = fragments.pixel_index, fragments.face_index, fragments.bary_packed
-        n_per_image = self.height * self.width
-        batch_of = pixel_index // n_per_image
-        corners = self.photo_triangles[face_index]  # (N, 3)
-        pixel_colour = (bary[..., None] * colours[batch_of[:, None], corners]).sum(1)
+        pixel_index, batch_of, pixel_colour = covered_pixel_colours(fragments, self.photo_triangles, colours)
         target = self.images.reshape(-1, 3)[pixel_index]
         weight = torch.ones_like(pixel_colour[:, 0])
         if self.masks is not None:
@@ -598,12 +592,10 @@ def render_overlay(model: FaceModel, problem: _Problem, screen: torch.Tensor, no
     out = images.copy()
     if problem.rasterizer is not None:
         grey = torch.full_like(normals, 0.7)
-        colours = irradiance(normals, problem.gamma) * grey
+        colours = shade_vertices(grey, normals, problem.gamma)
         fragments = problem.rasterizer(screen, model.triangles, (problem.height, problem.width))
-        pixel_index, face_index, bary = fragments.pixel_index, fragments.face_index, fragments.bary_packed
-        batch_of = pixel_index // (problem.height * problem.width)
-        corners = model.triangles[face_index]
-        pixel_colour = (bary[..., None] * colours[batch_of[:, None], corners]).sum(1).clamp(0, 1)
+        pixel_index, _, pixel_colour = covered_pixel_colours(fragments, model.triangles, colours)
+        pixel_colour = pixel_colour.clamp(0, 1)
         flat = torch.as_tensor(out).reshape(-1, 3).float().to(pixel_colour.device)
         flat[pixel_index] = (1 - alpha) * flat[pixel_index] + alpha * pixel_colour * 255
         out = flat.round().clamp(0, 255).byte().cpu().numpy().reshape(out.shape)

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tests.conftest import ICT_PATH, REPO_ROOT, SAMPLE_FACES, needs_ict
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SAMPLE = REPO_ROOT / "data" / "01_raw" / "faces"
-ICT = REPO_ROOT.parent / "shared" / "assets" / "ict_facekit" / "ict_face_only_9409.npz"
-pytestmark = pytest.mark.skipif(not ICT.is_file(), reason=f"ICT-FaceKit model not found at {ICT}")
+SAMPLE = SAMPLE_FACES
+ICT = ICT_PATH
+pytestmark = [needs_ict, pytest.mark.slow]
 MODEL_NAME = "facedetail-test-model"
 
 TINY = {

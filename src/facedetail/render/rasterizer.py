@@ -1,4 +1,8 @@
-"""Differentiable mesh rendering with a choice of rasterizer backend.
+"""Rasterization and interpolation with a choice of backend (the low layer of :mod:`facedetail.render`).
+
+This layer knows no geometry: :mod:`facedetail.geometry` (UV baking) builds on it, and the shading /
+detail renders that use geometry (:mod:`facedetail.render.shading`, :mod:`facedetail.render.detail`)
+sit above geometry.
 
 Conventions (shared by every backend, by :mod:`facedetail.geometry.camera` and by
 :mod:`facedetail.geometry.uv`):
@@ -9,7 +13,7 @@ Conventions (shared by every backend, by :mod:`facedetail.geometry.camera` and b
   backend maps ``x_ndc = (W - 2 x_px) / min(H, W)``, ``y_ndc = (H - 2 y_px) / min(H, W)``.)
 * **Depth**: camera-space distance along the optical axis, larger = farther; the nearest surface
   wins; a pixel whose interpolated depth is < 0 is behind the camera and ignored. Empty pixels have
-  depth -1 in :class:`Fragments` and 0 in :class:`RenderOutput`.
+  depth -1 in :class:`Fragments`.
 * **Faces** ``(F, 3)`` shared by the whole batch; ``pix_to_face`` holds the face index within its
   own mesh (0..F-1), -1 for empty pixels (pytorch3d's packed ``b * F + f`` is converted).
   Front-facing = counter-clockwise as seen on screen (OBJ winding); ``cull_backfaces`` drops the
@@ -28,12 +32,10 @@ Backends: ``"fast"`` (:mod:`facedetail.render.rasterize_fast`, pure PyTorch, CPU
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
-from facedetail.render.fragments import Fragments, parse_image_size
+from facedetail.render.fragments import Fragments
 from facedetail.render.rasterize_fast import rasterize_fast
 from facedetail.render.rasterize_pytorch3d import rasterize_pytorch3d
 
@@ -106,26 +108,46 @@ def interpolate(fragments: Fragments, faces: torch.Tensor, vertex_attrs: torch.T
     if faces.ndim != 2 or faces.shape[-1] != 3:
         raise ValueError(f"faces must have shape (F, 3), got {tuple(faces.shape)}")
     height, width = fragments.image_size
-    n_verts, n_channels = vertex_attrs.shape[1], vertex_attrs.shape[2]
-    faces = faces.to(device=vertex_attrs.device, dtype=torch.long)
-    corner_ids = faces.index_select(0, fragments.face_index)  # (N, 3)
-    bary = fragments.bary_packed.to(vertex_attrs.dtype)
+    n_channels = vertex_attrs.shape[2]
     if attr_batch == frag_batch or attr_batch == 1:
-        if attr_batch > 1:
-            batch_index = torch.div(fragments.pixel_index, height * width, rounding_mode="floor")
-            corner_ids = corner_ids + (batch_index * n_verts)[:, None]
-        flat_attrs = vertex_attrs.reshape(-1, n_channels)
-        values = flat_attrs[corner_ids.reshape(-1)].reshape(-1, 3, n_channels)
-        packed = (values * bary[:, :, None]).sum(1)
+        packed = interpolate_packed(fragments, faces, vertex_attrs)
         out = vertex_attrs.new_zeros(frag_batch * height * width, n_channels)
         out = out.index_put((fragments.pixel_index,), packed)
         return out.view(frag_batch, height, width, n_channels)
     # One rasterization shared by a batch of attributes (e.g. UV-space baking).
+    faces = faces.to(device=vertex_attrs.device, dtype=torch.long)
+    corner_ids = faces.index_select(0, fragments.face_index)  # (N, 3)
+    bary = fragments.bary_packed.to(vertex_attrs.dtype)
     values = vertex_attrs[:, corner_ids.reshape(-1)].reshape(attr_batch, -1, 3, n_channels)
     packed = (values * bary[None, :, :, None]).sum(2)  # (B, N, C)
     out = vertex_attrs.new_zeros(attr_batch, height * width, n_channels)
     out = _scatter_rows(out, fragments.pixel_index, packed)
     return out.view(attr_batch, height, width, n_channels)
+
+
+def pixel_batch_index(fragments: Fragments) -> torch.Tensor:
+    """(N,) image of each covered pixel of ``fragments.pixel_index``."""
+    height, width = fragments.image_size
+    return torch.div(fragments.pixel_index, height * width, rounding_mode="floor")
+
+
+def interpolate_packed(fragments: Fragments, faces: torch.Tensor, vertex_attrs: torch.Tensor) -> torch.Tensor:
+    """Per-vertex attributes interpolated at the covered pixels only: (N, C), row ``i`` at ``fragments.pixel_index[i]``.
+
+    ``vertex_attrs`` is (B, V, C) with B the fragments' batch, or (1, V, C) / (V, C) shared by it. No dense
+    (B, H, W, C) image is made (the fitter's photometric term compares only covered pixels).
+    """
+    if vertex_attrs.ndim == 2:
+        vertex_attrs = vertex_attrs[None]
+    n_verts, n_channels = vertex_attrs.shape[1], vertex_attrs.shape[2]
+    faces = faces.to(device=vertex_attrs.device, dtype=torch.long)
+    corner_ids = faces.index_select(0, fragments.face_index)  # (N, 3)
+    bary = fragments.bary_packed.to(vertex_attrs.dtype)
+    if vertex_attrs.shape[0] > 1:
+        corner_ids = corner_ids + (pixel_batch_index(fragments) * n_verts)[:, None]
+    flat_attrs = vertex_attrs.reshape(-1, n_channels)
+    values = flat_attrs[corner_ids.reshape(-1)].reshape(-1, 3, n_channels)
+    return (values * bary[:, :, None]).sum(1)
 
 
 def _scatter_rows(out: torch.Tensor, pixel_index: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
@@ -183,119 +205,3 @@ def sample_uv_map(
         mask = mask if mask.ndim == 4 else mask[:, None]
         sampled = sampled * mask.to(sampled.dtype)
     return sampled
-
-
-@dataclass
-class RenderOutput:
-    """What :class:`Renderer` produces (channel-first images, background 0).
-
-    Attributes:
-        image: (B, C, H, W) from vertex colours or a UV texture; None if neither was given.
-        mask: (B, 1, H, W) float, 1 where a face covers the pixel centre.
-        depth: (B, 1, H, W) interpolated depth, 0 on the background.
-        normals: (B, 3, H, W) interpolated, renormalised vertex normals; None without normals.
-        uv: (B, H, W, 2) per-pixel UV; None without UVs.
-        fragments: the rasterizer output.
-    """
-
-    image: torch.Tensor | None
-    mask: torch.Tensor
-    depth: torch.Tensor
-    normals: torch.Tensor | None
-    uv: torch.Tensor | None
-    fragments: Fragments
-
-
-class Renderer:
-    """Rasterize + interpolate + texture a batch of meshes sharing one topology.
-
-    Args:
-        image_size: ``H`` or ``(H, W)``.
-        backend: "auto" | "fast" | "pytorch3d" (see module docstring).
-        cull_backfaces: drop faces that are clockwise on screen.
-        perspective_correct: perspective-correct barycentrics.
-    """
-
-    def __init__(
-        self,
-        image_size: int | tuple[int, int] = 224,
-        backend: str = "auto",
-        cull_backfaces: bool = False,
-        perspective_correct: bool = False,
-    ) -> None:
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        self.image_size = parse_image_size(image_size)
-        self.backend = backend
-        self.cull_backfaces = cull_backfaces
-        self.perspective_correct = perspective_correct
-
-    def rasterize(self, screen_verts: torch.Tensor, faces: torch.Tensor) -> Fragments:
-        """:func:`rasterize` with this renderer's settings."""
-        return rasterize(
-            screen_verts,
-            faces,
-            self.image_size,
-            backend=self.backend,
-            cull_backfaces=self.cull_backfaces,
-            perspective_correct=self.perspective_correct,
-        )
-
-    def render(
-        self,
-        screen_verts: torch.Tensor,
-        faces: torch.Tensor,
-        vertex_colors: torch.Tensor | None = None,
-        vertex_normals: torch.Tensor | None = None,
-        tri_uv_idx: torch.Tensor | None = None,
-        uv: torch.Tensor | None = None,
-        uv_texture: torch.Tensor | None = None,
-    ) -> RenderOutput:
-        """Render meshes.
-
-        Args:
-            screen_verts: (B, V, 3) ``(x_px, y_px, depth)``.
-            faces: (F, 3) vertex indices.
-            vertex_colors: (B, V, C) or (V, C) per-vertex colours (e.g. shaded albedo).
-            vertex_normals: (B, V, 3) or (V, 3) vertex normals in any frame (e.g. camera space).
-            tri_uv_idx: (F, 3) per-corner UV indices (needed for ``uv`` outputs / ``uv_texture``).
-            uv: (T, 2) UV coordinates, origin bottom-left.
-            uv_texture: (B or 1, C, S, S) texture sampled through the per-pixel UV; used for
-                ``image`` when ``vertex_colors`` is None.
-
-        Returns:
-            :class:`RenderOutput`.
-        """
-        fragments = self.rasterize(screen_verts, faces)
-        mask = fragments.mask[:, None].to(screen_verts.dtype)
-        depth = torch.where(fragments.mask, fragments.zbuf, torch.zeros_like(fragments.zbuf))[:, None]
-        pixel_uv = None
-        if (tri_uv_idx is None) != (uv is None):
-            raise ValueError("tri_uv_idx and uv must be given together")
-        if tri_uv_idx is not None:
-            pixel_uv = interpolate_uv(fragments, tri_uv_idx, uv.to(screen_verts.device))
-        image = None
-        if vertex_colors is not None:
-            image = interpolate(fragments, faces, vertex_colors).permute(0, 3, 1, 2)
-        elif uv_texture is not None:
-            if pixel_uv is None:
-                raise ValueError("uv_texture needs tri_uv_idx and uv")
-            image = sample_uv_map(uv_texture, pixel_uv, mask=mask)
-        normals = None
-        if vertex_normals is not None:
-            interpolated = interpolate(fragments, faces, vertex_normals)
-            normals = F.normalize(interpolated, dim=-1, eps=1e-12).permute(0, 3, 1, 2)
-        return RenderOutput(image=image, mask=mask, depth=depth, normals=normals, uv=pixel_uv, fragments=fragments)
-
-    __call__ = render
-
-
-def render_mesh(
-    screen_verts: torch.Tensor,
-    faces: torch.Tensor,
-    image_size: int | tuple[int, int] = 224,
-    backend: str = "auto",
-    **render_kwargs: torch.Tensor | None,
-) -> RenderOutput:
-    """One-call :class:`Renderer` (``render_kwargs``: vertex_colors, vertex_normals, tri_uv_idx, uv, uv_texture)."""
-    return Renderer(image_size, backend=backend).render(screen_verts, faces, **render_kwargs)

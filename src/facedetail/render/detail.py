@@ -1,4 +1,5 @@
-"""Coarse and detailed renders of fitted faces (paper Fig. 1's "Differentiable Renderer").
+"""Coarse and detailed renders of fitted faces (paper Fig. 1's "Differentiable Renderer"), used by training,
+evaluation and inference (the high layer of :mod:`facedetail.render`, above :mod:`facedetail.geometry`).
 
 The coarse mesh comes from the 3DMM coefficients (fixed during detail training). Details live
 in UV space (DECA's scheme): the coarse surface is baked into a UV position map and normal map,
@@ -17,10 +18,25 @@ import torch.nn.functional as F
 from facedetail.geometry.camera import transform_and_project
 from facedetail.geometry.detail import delit_albedo, displace_position_map, normals_from_position_map
 from facedetail.geometry.face_model import FaceModel
-from facedetail.geometry.lighting import irradiance
 from facedetail.geometry.mesh import vertex_normals
 from facedetail.geometry.uv import fill_invalid_texels, rasterize_uv
-from facedetail.render.renderer import interpolate, interpolate_uv, rasterize, sample_uv_map
+from facedetail.render.rasterizer import interpolate, interpolate_uv, rasterize, sample_uv_map
+from facedetail.render.shading import irradiance_map
+
+
+@dataclass
+class UVSurface:
+    """A batch of surfaces baked into UV space (what :meth:`DetailRenderer.detailed_maps` displaces).
+
+    Attributes:
+        position_map: (B, 3, S, S) surface points, padded past the UV layout.
+        normal_map: (B, 3, S, S) unit normals (same frame), padded.
+        uv_valid: (1, 1, S, S) texels covered by the UV layout.
+    """
+
+    position_map: torch.Tensor
+    normal_map: torch.Tensor
+    uv_valid: torch.Tensor
 
 
 @dataclass
@@ -93,6 +109,13 @@ class DetailRenderer:
         baked = interpolate(self.uv_fragments, self.face_model.triangles, vertex_values)
         return baked.permute(0, 3, 1, 2).contiguous()
 
+    def surface(self, vertices: torch.Tensor, normals: torch.Tensor) -> UVSurface:
+        """Bake vertices (B, V, 3) and their normals (any one frame) into padded UV position/normal maps."""
+        valid = self.uv_valid[0, 0]
+        position_map = fill_invalid_texels(self.bake(vertices), valid, iterations=3)
+        normal_map = F.normalize(fill_invalid_texels(self.bake(normals), valid, iterations=3), dim=1, eps=1e-8)
+        return UVSurface(position_map, normal_map, self.uv_valid)
+
     def coarse_mesh(self, coefficients: torch.Tensor) -> dict[str, torch.Tensor]:
         """Coarse mesh of coefficients (B, K): world/screen vertices, rotated normals, SH gamma."""
         parts = self.face_model.layout.split(coefficients)
@@ -106,9 +129,9 @@ class DetailRenderer:
         """Rasterize and bake everything the generator does not change (no gradients needed)."""
         mesh = self.coarse_mesh(coefficients)
         valid = self.uv_valid
-        position_map = fill_invalid_texels(self.bake(mesh["world"]), valid[0, 0], iterations=3)
-        normal_map = F.normalize(fill_invalid_texels(self.bake(mesh["normals"]), valid[0, 0], iterations=3), dim=1, eps=1e-8)
-        shading = self._irradiance_map(normal_map, mesh["gamma"])
+        surface = self.surface(mesh["world"], mesh["normals"])
+        position_map, normal_map = surface.position_map, surface.normal_map
+        shading = irradiance_map(normal_map, mesh["gamma"])
         albedo = delit_albedo(uv_texture, texture_valid * valid, shading, self.albedo_blur_sigma)
         fragments = rasterize(mesh["screen"], self.face_model.triangles, self.image_size, backend=self.backend)
         pixel_uv = interpolate_uv(fragments, self.face_model.tri_uv_idx, self.face_model.uv)
@@ -116,15 +139,11 @@ class DetailRenderer:
         render_mask = ((region[..., 0] > 0.5) & fragments.mask)[:, None].to(coefficients.dtype)
         return FaceBatchScene(position_map, normal_map, albedo, valid, mesh["gamma"], pixel_uv, render_mask)
 
-    @staticmethod
-    def _irradiance_map(normal_map: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
-        """SH irradiance (B, 3, H, W) of a map of unit normals (B, 3, H, W)."""
-        batch, _, height, width = normal_map.shape
-        flat = normal_map.flatten(2).transpose(1, 2)
-        return irradiance(flat, gamma).transpose(1, 2).reshape(batch, 3, height, width)
-
-    def detailed_maps(self, scene: FaceBatchScene, displacement: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def detailed_maps(self, scene: FaceBatchScene | UVSurface, displacement: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(detailed position map, detailed normal map) for a displacement map (B, 1, S, S).
+
+        ``scene`` is a prepared :class:`FaceBatchScene` (camera frame, for the renders) or a :class:`UVSurface`
+        (e.g. the model-frame surface of :meth:`surface`, for the exports).
 
         The detailed normal is the coarse (smooth, interpolated) normal plus the change that the
         displacement makes to the UV-grid surface's finite-difference normal, so a zero
@@ -141,7 +160,7 @@ class DetailRenderer:
         """Shade the albedo with a normal map and render it into the crop: (B, 3, H, W) in [0, 1]."""
         normals = F.normalize(sample_uv_map(normal_map, scene.pixel_uv), dim=1, eps=1e-8)
         albedo = sample_uv_map(scene.albedo_map, scene.pixel_uv)
-        return (albedo * self._irradiance_map(normals, scene.gamma) * scene.render_mask).clamp(0.0, 1.0)
+        return (albedo * irradiance_map(normals, scene.gamma) * scene.render_mask).clamp(0.0, 1.0)
 
     def render_shape(self, scene: FaceBatchScene, normal_map: torch.Tensor, grey: float = 0.7) -> torch.Tensor:
         """Shape-only render (uniform grey albedo, the fitted lighting) to see the geometry itself."""
@@ -149,4 +168,4 @@ class DetailRenderer:
         gamma = torch.zeros_like(scene.gamma)
         gamma[:, 0] = gamma[:, 9] = gamma[:, 18] = -0.3  # ambient (0.8 is added by the SH convention)
         gamma[:, 2] = gamma[:, 11] = gamma[:, 20] = 0.4  # light from the camera side (+z)
-        return (grey * self._irradiance_map(normals, gamma) * scene.render_mask).clamp(0.0, 1.0)
+        return (grey * irradiance_map(normals, gamma) * scene.render_mask).clamp(0.0, 1.0)

@@ -1,7 +1,7 @@
 """Per-face estimation: 68 landmarks, photometric mask, FaceNet embedding and 3DMM coefficients.
 
 One :class:`FaceEstimator` serves the ``estimation`` pipeline, the ``facedetail fit`` command and
-inference. Results are cached per face content (:class:`facedetail.cache.FaceCache`): a rerun over
+inference. Results are cached per face content (:class:`facedetail.estimation.cache.FaceCache`): a rerun over
 the same crops computes nothing, a changed crop or setting recomputes only what changed, and
 each face is stored as soon as its batch is done (a crash loses at most one batch).
 """
@@ -17,11 +17,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from facedetail.cache import FaceCache
+from facedetail.estimation.cache import FaceCache
 from facedetail.detect.landmarks import LandmarkDetector
 from facedetail.geometry.face_model import FaceModel
 from facedetail.geometry.face_uv import fitted_screen_vertices
-from facedetail.models.fitting import FitSettings, expression_from_blendshapes, fit_coefficients
+from facedetail.estimation.fitting import FitSettings, expression_from_blendshapes, fit_coefficients
 from facedetail.parsing.skin_mask import face_mask
 
 logger = logging.getLogger(__name__)

@@ -21,11 +21,10 @@ from facedetail.detect.align import (
     fit_scale_translation,
     original_to_aligned,
 )
+from tests.conftest import PORTRAITS, REPO_ROOT
 
 os.environ.setdefault("DO_NOT_TRACK", "1")
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-PORTRAITS = REPO_ROOT.parent / "shared" / "assets" / "faces" / "portraits"
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -289,6 +288,7 @@ def _latest(folder: Path, name: str) -> Path:
     return versions[-1] / name
 
 
+@pytest.mark.slow
 def test_kedro_run_writes_manifest_rows_with_reasons(kedro_run):
     project, _ = kedro_run
     manifest = pd.read_parquet(_latest(project / "data" / "03_primary", "face_manifest.parquet"))
@@ -320,6 +320,7 @@ def test_kedro_run_writes_manifest_rows_with_reasons(kedro_run):
         assert len(row["sha256"]) == 64 and 0.95 <= row["score"] <= 1.0
 
 
+@pytest.mark.slow
 def test_kedro_run_writes_aligned_bundle(kedro_run):
     project, _ = kedro_run
     with np.load(_latest(project / "data" / "03_primary", "aligned_faces.npz")) as bundle:
@@ -351,6 +352,7 @@ def test_kedro_run_writes_aligned_bundle(kedro_run):
     assert np.abs(arrays["landmarks5"] - aligned_template_landmarks()).max() < 20.0
 
 
+@pytest.mark.slow
 def test_kedro_run_is_tracked_in_mlflow(kedro_run):
     from mlflow.tracking import MlflowClient
 

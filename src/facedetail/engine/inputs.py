@@ -1,0 +1,91 @@
+"""Inputs of the inference engine: decoding photos given as paths, bytes, arrays or lazy loaders, and listing image
+folders (plain module, no Kedro).
+
+Names: a path input is named by its file name, anything else ``image_<i>``; a folder's files by their path
+relative to it (``sub/a.jpg``). Face ids are built from names by :mod:`facedetail.io.face_ids`.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable, Mapping, Sequence, TypeVar, Union
+
+import numpy as np
+
+from facedetail.io.export import to_uint8_image
+from facedetail.io.images import DEFAULT_MAX_PIXELS, ImageReadError, read_image
+
+#: An input photo: a path, encoded bytes, a uint8 RGB array, or a no-argument callable returning bytes (a lazy
+#: loader such as a Kedro partition's ``load``).
+ImageInput = Union[str, os.PathLike, bytes, bytearray, np.ndarray, Callable[[], bytes]]
+DEFAULT_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+T = TypeVar("T")
+
+
+class InputError(ValueError):
+    """A folder/file that does not hold usable images (message for the user)."""
+
+
+def default_name(image: ImageInput, index: int) -> str:
+    """File name of a path input, else ``image_<index>``."""
+    if isinstance(image, (str, os.PathLike)):
+        return Path(image).name
+    return f"image_{index}"
+
+
+def _suffixes(extensions: Sequence[str]) -> tuple[str, ...]:
+    return tuple(e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions)
+
+
+def list_images(folder: str | os.PathLike, extensions: Sequence[str] = DEFAULT_IMAGE_EXTENSIONS) -> tuple[list[Path], list[str]]:
+    """Image files of a folder (recursive, sorted) and their names (paths relative to it); a single file is accepted.
+
+    Raises:
+        InputError: the folder does not exist or holds no file with an image extension.
+    """
+    root = Path(folder)
+    wanted = _suffixes(extensions)
+    if root.is_file():
+        return [root], [root.name]
+    if not root.is_dir():
+        raise InputError(f"image folder not found: {root}")
+    # symlinks count even when broken or looping: reading them gives their report row, never a silent drop
+    files = sorted(p for p in root.rglob("*") if (p.is_file() or p.is_symlink()) and p.suffix.lower() in wanted)
+    if not files:
+        raise InputError(f"no images in {root} (looked for files ending in {', '.join(wanted)})")
+    return files, [p.relative_to(root).as_posix() for p in files]
+
+
+def select_image_names(items: Mapping[str, T], extensions: Sequence[str]) -> dict[str, T]:
+    """The entries whose name ends with one of ``extensions`` (any case), sorted by name (may be empty)."""
+    wanted = _suffixes(extensions)
+    return {name: items[name] for name in sorted(items) if name.lower().endswith(wanted)}
+
+
+def load_input_image(image: ImageInput, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """An input (path, encoded bytes, an (H, W[, 3|4]) array or a bytes loader) as ``uint8`` RGB (H, W, 3).
+
+    Raises:
+        ImageReadError: unreadable file/bytes, or an array that is not an image (the message names ``name``).
+    """
+    if callable(image) and not isinstance(image, (np.ndarray, bytes, bytearray, str, os.PathLike)):
+        try:
+            image = image()
+        except Exception as error:  # noqa: BLE001 - permissions, broken links, ...
+            raise ImageReadError(f"{name}: cannot read ({type(error).__name__}: {error})", status="unreadable") from error
+    if isinstance(image, np.ndarray):
+        array = image
+        if array.ndim == 2:
+            array = np.repeat(array[..., None], 3, axis=2)
+        if array.ndim != 3 or array.shape[2] not in (3, 4) or min(array.shape[:2]) == 0:
+            raise ImageReadError(f"{name}: expected an (H, W, 3) RGB array, got shape {image.shape}", status="not_an_image")
+        return to_uint8_image(array[..., :3], name)
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        try:
+            return read_image(bytes(image), max_pixels=max_pixels).rgb
+        except ImageReadError as error:
+            raise ImageReadError(error.reason.replace("<bytes>", name), error.status) from error
+    if isinstance(image, (str, os.PathLike)):
+        return read_image(Path(image), max_pixels=max_pixels).rgb
+    raise ImageReadError(f"{name}: unsupported input type {type(image).__name__} (expected a path, bytes or an array)",
+                         status="not_an_image")
