@@ -320,11 +320,20 @@ def test_kedro_run_writes_manifest_rows_with_reasons(kedro_run):
         assert len(row["sha256"]) == 64 and 0.95 <= row["score"] <= 1.0
 
 
+def _aligned_arrays(project: Path) -> dict[str, np.ndarray]:
+    """The latest ``aligned_faces`` version's faces (all shards, in order) stacked per field."""
+    from facedetail.data.shards import read_shard
+
+    folder = _latest(project / "data" / "03_primary", "aligned_faces")
+    faces = [face for shard in sorted(folder.glob("shard-*.tar")) for face in read_shard(shard)]
+    fields = ("face_id", "image", "landmarks5", "landmarks5_original", "trans_params", "face_sha256")
+    return {("face_ids" if k == "face_id" else "images" if k == "image" else k): np.stack([np.asarray(f[k]) for f in faces]) for k in fields}
+
+
 @pytest.mark.slow
-def test_kedro_run_writes_aligned_bundle(kedro_run):
+def test_kedro_run_writes_aligned_shards(kedro_run):
     project, _ = kedro_run
-    with np.load(_latest(project / "data" / "03_primary", "aligned_faces.npz")) as bundle:
-        arrays = {key: bundle[key] for key in bundle.files}
+    arrays = _aligned_arrays(project)
     count = len(arrays["face_ids"])
     assert count == 9  # 8 ok images, one of them with two faces
     assert arrays["images"].shape == (count, 224, 224, 3) and arrays["images"].dtype == np.uint8
@@ -386,9 +395,9 @@ def test_zero_image_folder_is_a_clear_error(tmp_path):
     partitions = PartitionedDataset(path=str(folder), dataset="facedetail.datasets.RawBytesDataset").load()
     params = {"image_extensions": [".jpg", ".png"]}
     with pytest.raises(ValueError, match="no images in .*faces"):
-        detect_and_align_faces(partitions, params, "cpu")
+        detect_and_align_faces(partitions, params, "cpu", {"scheduler": "synchronous", "work_dir": str(tmp_path / "work")})
     with pytest.raises(ValueError, match="no images"):
-        detect_and_align_faces({}, params, "cpu")
+        detect_and_align_faces({}, params, "cpu", {"scheduler": "synchronous", "work_dir": str(tmp_path / "work")})
 
 
 def test_face_ids_are_unique_for_same_stems():
