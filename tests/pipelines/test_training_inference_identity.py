@@ -16,8 +16,9 @@ import torch
 from facedetail.engine.checkpoint import make_detail_checkpoint
 from facedetail.engine.reconstructor import Reconstructor
 from facedetail.models.detail_model import DetailGenerator
+from facedetail.data.shards import FaceShards
 from facedetail.pipelines.data_prep.nodes import detect_and_align_faces
-from facedetail.pipelines.estimation.nodes import estimate_faces
+from facedetail.pipelines.estimation.nodes import detect_landmarks, fit_face_coefficients, make_face_masks
 from facedetail.pipelines.uv_maps.nodes import build_uv_maps
 from tests.conftest import CONF, OBAMA, TWO_PEOPLE, needs_assets
 
@@ -43,15 +44,40 @@ def params(tmp_path_factory) -> dict:
     return parameters
 
 
+def _stacked(data: FaceShards) -> dict[str, np.ndarray]:
+    """Every face of a sharded dataset, its fields stacked (``face_ids`` from ``face_id``)."""
+    faces = list(data.iter_faces())
+    keys = [k for k in faces[0] if k not in ("__key__", "status", "reason", "overlay_jpeg")]
+    out = {k: np.stack([np.asarray(f[k]) for f in faces]) for k in keys}
+    out["face_ids"] = out.pop("face_id")
+    return out
+
+
 @pytest.fixture(scope="module")
-def pipeline(params) -> dict:
-    """The pipelines' bundles of :data:`PHOTOS`, from the node functions."""
+def pipeline(params, tmp_path_factory) -> dict:
+    """What the pipelines' node functions make of :data:`PHOTOS` (files in a raw folder), stacked per field."""
+    from kedro_datasets.partitions import PartitionedDataset
+
     torch.set_num_threads(1)
-    partitions = {name: (lambda path=path: path.read_bytes()) for name, path in PHOTOS.items()}
-    manifest, aligned = detect_and_align_faces(partitions, params["data_prep"], "cpu")
-    estimates, report, _ = estimate_faces(aligned, params["estimation"], params["face_model"], params["weights"], "cpu")
-    uv_maps = build_uv_maps(aligned, estimates, params["uv_maps"], params["face_model"], "cpu")
-    return {"manifest": manifest, "aligned": aligned, "estimates": estimates, "report": report, "uv_maps": uv_maps}
+    raw = tmp_path_factory.mktemp("raw")
+    for name, path in PHOTOS.items():
+        (raw / name).parent.mkdir(parents=True, exist_ok=True)
+        (raw / name).write_bytes(path.read_bytes())
+    partitions = PartitionedDataset(path=str(raw), dataset="facedetail.datasets.RawBytesDataset").load()
+    execution = {"scheduler": "synchronous", "work_dir": str(tmp_path_factory.mktemp("work"))}
+    estimation, weights, face_model = params["estimation"], params["weights"], params["face_model"]
+    manifest, aligned = detect_and_align_faces(partitions, params["data_prep"], "cpu", execution)
+    landmarks = detect_landmarks(aligned, estimation, "cpu", execution)
+    masks = make_face_masks(aligned, landmarks, estimation, weights, "cpu", execution)
+    estimates, report, _ = fit_face_coefficients(aligned, landmarks, masks, estimation, face_model, weights, "cpu", execution)
+    uv_maps = build_uv_maps(aligned, estimates, params["uv_maps"], face_model, "cpu", execution)
+    uv = _stacked(uv_maps)
+    uv["expression_valid"] = uv["expression_valid"][0]
+    renamed = {"expression_map": "expression_maps", "uv_texture": "uv_textures"}
+    uv = {renamed.get(k, k): v for k, v in uv.items()}
+    aligned_arrays = _stacked(aligned)
+    aligned_arrays["images"], aligned_arrays["source_images"] = aligned_arrays.pop("image"), aligned_arrays.pop("source_image")
+    return {"manifest": manifest, "aligned": aligned_arrays, "estimates": _stacked(estimates), "report": report, "uv_maps": uv}
 
 
 @pytest.fixture(scope="module")

@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
@@ -33,6 +34,7 @@ import pandas as pd
 import torch
 
 from facedetail.detect.faces import detect_and_align
+from facedetail.estimation.estimator import estimate_coefficients, mask_options, optional_weights_path
 from facedetail.io.face_ids import make_face_id
 from facedetail.io.images import ImageReadError, read_image
 
@@ -266,6 +268,11 @@ class LandmarkStage(_BatchedStage):
 
     name = "face_landmarks"
 
+    @classmethod
+    def from_estimation(cls, estimation: Mapping[str, Any], device: str = "auto") -> "LandmarkStage":
+        params = {"backend": (estimation.get("landmarks") or {}).get("backend", "mediapipe"), "batch_size": estimation.get("batch_size", 8)}
+        return cls(params, device)
+
     def setup(self):
         from facedetail.detect.landmarks import LandmarkDetector
 
@@ -295,11 +302,13 @@ class MaskStage(_BatchedStage):
     name = "face_masks"
     index_columns = ("mask_source",)
 
+    @classmethod
+    def from_estimation(cls, estimation: Mapping[str, Any], weights: Mapping[str, Any], device: str = "auto") -> "MaskStage":
+        return cls({**(estimation.get("masks") or {}), "batch_size": estimation.get("batch_size", 8)}, weights, device)
+
     def __init__(self, params, weights: Mapping[str, Any], device: str = "auto") -> None:
         super().__init__(params, device)
-        from facedetail.estimation.estimator import _optional_path
-
-        path = _optional_path(weights.get("bisenet"))
+        path = optional_weights_path(weights.get("bisenet"))
         self.bisenet_path = str(path) if path is not None else None
 
     def settings(self) -> dict[str, Any]:
@@ -314,7 +323,6 @@ class MaskStage(_BatchedStage):
         return load_bisenet(self.bisenet_path, device=resolve_device(self.device))
 
     def process_batch(self, parser, rows):
-        from facedetail.estimation.estimator import mask_options
         from facedetail.parsing.skin_mask import face_mask
 
         out = []
@@ -329,6 +337,11 @@ class FaceNetStage(_BatchedStage):
     """FaceNet (Inception-ResNet-v1) identity embedding of each aligned crop."""
 
     name = "facenet_embeddings"
+
+    @classmethod
+    def from_estimation(cls, estimation: Mapping[str, Any], weights: Mapping[str, Any], device: str = "auto") -> "FaceNetStage":
+        params = {"facenet_embeddings": estimation.get("facenet_embeddings", True), "batch_size": estimation.get("batch_size", 8)}
+        return cls(params, weights, device)
 
     def __init__(self, params, weights: Mapping[str, Any], device: str = "auto") -> None:
         super().__init__(params, device)
@@ -364,10 +377,8 @@ class CoefficientStage(_BatchedStage):
 
     def __init__(self, params, face_model_params: Mapping[str, Any], weights: Mapping[str, Any], device: str = "auto") -> None:
         super().__init__(params, device)
-        from facedetail.estimation.estimator import _optional_path
-
         self.face_model_params = dict(face_model_params)
-        deng = _optional_path(weights.get("deng_regressor"))
+        deng = optional_weights_path(weights.get("deng_regressor"))
         self.deng_path = str(deng) if deng is not None else None
 
     def _model_path(self) -> str:
@@ -380,20 +391,31 @@ class CoefficientStage(_BatchedStage):
         return {"params": keep, "face_model": self.face_model_params.get("kind"), "model_file": settings_hash(self._model_path()),
                 "regressor": self.deng_path if use_regressor else None, "version": 1}
 
+    @classmethod
+    def from_estimation(cls, estimation: Mapping[str, Any], face_model_params, weights, device: str = "auto") -> "CoefficientStage":
+        """The stage of the ``estimation`` parameters (the pipeline node and the engine build it the same way)."""
+        params = {k: estimation.get(k) for k in ("fitting", "use_blendshape_init", "bfm_use_regressor", "cache", "cache_dir")}
+        params["batch_size"] = estimation.get("fit_batch_size", estimation.get("batch_size", 8))
+        return cls(params, face_model_params, weights, device)
+
     def setup(self):
-        from facedetail.estimation.cache import FaceCache
         from facedetail.geometry.face_model import load_face_model_from_params
+
+        return self.state_for(load_face_model_from_params(self.face_model_params, resolve_device(self.device)))
+
+    def state_for(self, face_model) -> dict[str, Any]:
+        """The stage's state around an already loaded face model (regressor, fit settings, per-face cache)."""
+        from facedetail.estimation.cache import FaceCache
         from facedetail.estimation.fitting import FitSettings
 
-        device = resolve_device(self.device)
         regressor = None
         if self.settings()["regressor"]:
             from facedetail.models.deng_regressor import load_deng_regressor
 
-            regressor = load_deng_regressor(self.deng_path, device=device)
+            regressor = load_deng_regressor(self.deng_path, device=face_model.device)
         cache_dir = self.params.get("cache_dir") if self.params.get("cache", True) else None
         return {
-            "face_model": load_face_model_from_params(self.face_model_params, device),
+            "face_model": face_model,
             "regressor": regressor,
             "fit_settings": FitSettings(**dict(self.params.get("fitting", {}))),
             "cache": FaceCache(cache_dir, self.name, self.settings()) if cache_dir else None,
@@ -402,8 +424,6 @@ class CoefficientStage(_BatchedStage):
     def process_batch(self, state, rows):
         from facedetail.detect.align import aligned_to_original
         from facedetail.detect.landmarks import BLENDSHAPE_NAMES
-        from facedetail.estimation.estimator import estimate_coefficients
-
         cache = state["cache"]
         results: list[dict[str, Any] | None] = [cache.get(r[0]["face_sha256"]) if cache is not None else None for r in rows]
         todo = [i for i, r in enumerate(results) if r is None]
@@ -430,8 +450,11 @@ class CoefficientStage(_BatchedStage):
                     cache.put(rows[i][0]["face_sha256"], results[i])
         out = []
         for (aligned, *_), result in zip(rows, results):
-            original = aligned_to_original(result["fitted_landmarks68"], aligned["trans_params"], aligned["image"].shape[0])
-            out.append({**_base(aligned), **result, "fitted_landmarks68_original": np.asarray(original, np.float32)})
+            record = {**_base(aligned), **result}
+            if "trans_params" in aligned:
+                original = aligned_to_original(result["fitted_landmarks68"], aligned["trans_params"], aligned["image"].shape[0])
+                record["fitted_landmarks68_original"] = np.asarray(original, np.float32)
+            out.append(record)
         return out
 
 
@@ -465,3 +488,111 @@ class UVMapStage(_BatchedStage):
              "texture_valid": maps["texture_valid"][j], "expression_valid": maps["expression_valid"]}
             for j, (a, _) in enumerate(rows)
         ]
+
+
+# --------------------------------------------------------------------------- crops in memory
+@dataclass
+class EstimationResult:
+    """Arrays of the faces estimated successfully, plus one report row per input face."""
+
+    arrays: dict[str, np.ndarray]
+    report: list[dict[str, Any]] = field(default_factory=list)
+    cache_hits: int = 0
+    cache_misses: int = 0
+
+
+class FaceEstimator:
+    """The estimation stages (landmarks -> mask -> coefficients, + FaceNet) on crops held in memory.
+
+    The inference engine (``facedetail fit``/``reconstruct``, the registered model) runs exactly the
+    code the pipeline's shard tasks run, with the same per-face coefficient cache: a face the
+    pipeline fitted is a cache hit here.
+
+    Args:
+        face_model: the loaded morphable model (shared with the caller).
+        face_model_params: the ``face_model`` parameters (part of the cache key).
+        device: torch device.
+        estimation: the ``estimation`` parameters.
+        weights: the ``weights`` parameters.
+        cache_root: per-face coefficient cache folder (None: no cache).
+        embedder: optional frozen FaceNet (adds ``facenet_embeddings``).
+    """
+
+    def __init__(self, face_model, face_model_params: Mapping[str, Any], device, estimation: Mapping[str, Any],
+                 weights: Mapping[str, Any] | None = None, cache_root: str | os.PathLike | None = None, embedder=None) -> None:
+        weights = dict(weights or {})
+        device = str(device)
+        estimation = {**dict(estimation), "cache": cache_root is not None, "cache_dir": str(cache_root) if cache_root else None}
+        self.face_model = face_model
+        self.landmark_stage = LandmarkStage.from_estimation(estimation, device)
+        self.mask_stage = MaskStage.from_estimation(estimation, weights, device)
+        self.coefficient_stage = CoefficientStage.from_estimation(estimation, face_model_params, weights, device)
+        self.embedder = embedder
+        self.states = {
+            "landmarks": self.landmark_stage.setup(),
+            "masks": self.mask_stage.setup(),
+            "coefficients": self.coefficient_stage.state_for(face_model),
+        }
+
+    def close(self) -> None:
+        self.states["landmarks"].close()
+
+    def __enter__(self) -> "FaceEstimator":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def estimate(self, crops: np.ndarray, face_ids: list[str], face_sha256: list[str]) -> EstimationResult:
+        """Estimate every crop (coefficients cached per face content); failed faces are reported, not raised."""
+        from facedetail.data.stages import ShardInput
+
+        aligned = [{"face_id": f, "face_sha256": h, "status": OK, "reason": "", "image": np.asarray(c, np.uint8)}
+                   for f, h, c in zip(face_ids, face_sha256, crops)]
+        shard = ShardInput(0, face_ids=tuple(face_ids))
+        landmarks, _ = self.landmark_stage.process(self.states["landmarks"], shard, [aligned])
+        masks, _ = self.mask_stage.process(self.states["masks"], shard, [aligned, landmarks])
+        cache = self.states["coefficients"]["cache"]
+        hits_before = cache.hits if cache is not None else 0
+        coefficients, _ = self.coefficient_stage.process(self.states["coefficients"], shard, [aligned, landmarks, masks])
+        ok = [k for k, record in enumerate(coefficients) if record["status"] == OK]
+        embeddings = None
+        if self.embedder is not None and ok:
+            with torch.no_grad():
+                images = torch.from_numpy(np.stack([crops[k] for k in ok])).permute(0, 3, 1, 2).float().div(255)
+                embeddings = self.embedder(images.to(next(self.embedder.parameters()).device)).cpu().numpy().astype(np.float32)
+        report = [
+            {"face_id": c["face_id"], "status": c["status"], "reason": c.get("reason", ""), "mask_source": str(m.get("mask_source", "")),
+             "landmark_nme": float(c.get("landmark_nme", np.nan)), "fit_loss": float(c.get("fit_loss", np.nan))}
+            for c, m in zip(coefficients, masks)
+        ]
+        size = crops.shape[1] if len(crops) else 224
+
+        def stacked(records, key, empty_shape, dtype):
+            return np.stack([np.asarray(records[k][key]) for k in ok]).astype(dtype) if ok else np.zeros(empty_shape, dtype)
+
+        arrays = {
+            "face_ids": np.asarray([face_ids[k] for k in ok], dtype=str),
+            "face_sha256": np.asarray([face_sha256[k] for k in ok], dtype=str),
+            "landmarks68": stacked(landmarks, "landmarks68", (0, 68, 2), np.float32),
+            "fitted_landmarks68": stacked(coefficients, "fitted_landmarks68", (0, 68, 2), np.float32),
+            "masks": stacked(masks, "mask", (0, size, size), bool),
+            "mask_source": np.asarray([str(masks[k]["mask_source"]) for k in ok], dtype=str),
+            "coefficients": stacked(coefficients, "coefficients", (0, self.face_model.layout.total), np.float32),
+            "overlays": np.stack([_decode_overlay(coefficients[k], crops[k]) for k in ok]) if ok else np.zeros((0, size, size, 3), np.uint8),
+            "landmark_nme": stacked(coefficients, "landmark_nme", (0,), np.float32),
+            "fit_loss": stacked(coefficients, "fit_loss", (0,), np.float32),
+            "face_model_kind": np.asarray(self.face_model.kind),
+        }
+        if embeddings is not None:
+            arrays["facenet_embeddings"] = embeddings
+        hits = (cache.hits - hits_before) if cache is not None else 0
+        return EstimationResult(arrays, report, hits, len(ok) - hits)
+
+
+def _decode_overlay(record: Mapping[str, Any], crop: np.ndarray) -> np.ndarray:
+    """The fit overlay stored as JPEG, decoded to uint8 RGB (the crop itself when there is none)."""
+    jpeg = np.asarray(record.get("overlay_jpeg", np.zeros(0, np.uint8)), np.uint8)
+    if jpeg.size == 0:
+        return np.asarray(crop, np.uint8)
+    return np.ascontiguousarray(cv2.imdecode(jpeg, cv2.IMREAD_COLOR)[..., ::-1])

@@ -27,11 +27,11 @@ from facedetail.detect.align import aligned_to_original
 from facedetail.detect.faces import detect_and_align, detector_from_params
 from facedetail.detect.mtcnn import MtcnnFaceDetector
 from facedetail.engine.inputs import ImageInput, default_name, load_input_image
-from facedetail.estimation.estimator import FaceEstimator
+from facedetail.data.face_stages import FaceEstimator
 from facedetail.geometry.face_model import FaceModel, load_face_model_from_params
 from facedetail.io.face_ids import image_stems, make_face_id
 from facedetail.io.images import DEFAULT_MAX_PIXELS, ImageReadError
-from facedetail.utils import resolve_device, settings_hash
+from facedetail.utils import resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -188,12 +188,8 @@ class FaceFitter:
         estimation = dict(params["estimation"])
         if cache_dir == FROM_PARAMS:
             cache_dir = estimation.get("cache_dir") if estimation.get("cache", True) else None
-        fm = params["face_model"]
-        model_path = fm.get("ict_path") if face_model.kind == "ict" else fm.get("bfm_path")
-        estimator = FaceEstimator(
-            face_model, torch_device, estimation, params.get("weights", {}), cache_root=cache_dir, embedder=None,
-            face_model_id=f"{face_model.kind}:{settings_hash(str(model_path))}",
-        )
+        estimator = FaceEstimator(face_model, params["face_model"], torch_device, estimation, params.get("weights", {}),
+                                  cache_root=cache_dir)
         alignment = prep.get("alignment", {})
         return cls(
             face_model, detector, estimator,

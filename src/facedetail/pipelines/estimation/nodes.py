@@ -35,8 +35,7 @@ def _counts(stage: str, data: FaceShards) -> dict[str, dict[str, float]]:
 
 def detect_landmarks(aligned_faces: FaceShards, estimation: dict[str, Any], device: str, execution: dict[str, Any]) -> FaceShards:
     """68 iBUG landmarks of every aligned face (``estimation.landmarks.backend``: MediaPipe or FAN)."""
-    params = {"backend": estimation.get("landmarks", {}).get("backend", "mediapipe"), "batch_size": estimation.get("batch_size", 8)}
-    stage = LandmarkStage(params, device)
+    stage = LandmarkStage.from_estimation(estimation, device)
     landmarks, _ = run_face_stage(stage, shard_inputs([aligned_faces]), execution)
     return landmarks
 
@@ -46,8 +45,7 @@ def make_face_masks(
     device: str, execution: dict[str, Any],
 ) -> FaceShards:
     """Photometric mask of every face: BiSeNet when ``weights.bisenet`` exists, else landmarks + skin colour."""
-    params = {**estimation.get("masks", {}), "batch_size": estimation.get("batch_size", 8)}
-    stage = MaskStage(params, weights, device)
+    stage = MaskStage.from_estimation(estimation, weights, device)
     masks, _ = run_face_stage(stage, shard_inputs([aligned_faces, face_landmarks]), execution)
     if mlflow.active_run() is not None:
         mlflow.set_tag("estimation.source.mask", "bisenet" if stage.bisenet_path else "landmarks+skin_gmm")
@@ -56,8 +54,7 @@ def make_face_masks(
 
 def embed_faces(aligned_faces: FaceShards, estimation: dict[str, Any], weights: dict[str, Any], device: str, execution: dict[str, Any]) -> FaceShards:
     """FaceNet identity embedding of every aligned face."""
-    params = {"facenet_embeddings": estimation.get("facenet_embeddings", True), "batch_size": estimation.get("batch_size", 8)}
-    stage = FaceNetStage(params, weights, device)
+    stage = FaceNetStage.from_estimation(estimation, weights, device)
     embeddings, _ = run_face_stage(stage, shard_inputs([aligned_faces]), execution)
     return embeddings
 
@@ -71,9 +68,7 @@ def fit_face_coefficients(
     Returns ``(face_coefficients, estimation_report, estimation_metrics)``: the report has one row
     per face (status, reason, mask source, landmark error, fit loss).
     """
-    params = {k: estimation.get(k) for k in ("fitting", "use_blendshape_init", "bfm_use_regressor", "cache", "cache_dir")}
-    params["batch_size"] = estimation.get("fit_batch_size", estimation.get("batch_size", 8))
-    stage = CoefficientStage(params, face_model, weights, device)
+    stage = CoefficientStage.from_estimation(estimation, face_model, weights, device)
     coefficients, _ = run_face_stage(stage, shard_inputs([aligned_faces, face_landmarks, face_masks]), execution,
                                      meta={"face_model_kind": face_model.get("kind", "ict")})
     report = coefficients.index.merge(face_masks.index[["face_id", "mask_source"]], on="face_id", how="left")
