@@ -60,7 +60,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from facedetail.data.faces import FaceTensors, validation_split
-from facedetail.data.shards import FaceShards, ShardError, iter_shard
+from facedetail.data.shards import FaceShards, ShardError, index_frame, index_rows, iter_shard, shard_name, write_shard
 
 logger = logging.getLogger(__name__)
 
@@ -505,8 +505,53 @@ def face_tensors_from_shards(
     return collate_faces(list(stream.iter_consumer()))
 
 
+def write_stage_shards(
+    faces: FaceTensors, folder: str | os.PathLike, faces_per_shard: int, failed: dict[str, set[str]] | None = None,
+    face_sha256: Sequence[str] | None = None,
+) -> dict[str, FaceShards]:
+    """Write in-memory faces as the four stage datasets (``folder/<stage>/shard-*.tar``); returns them by stage name.
+
+    The inverse of :func:`face_tensors_from_shards`, for tests and benchmarks: images/textures are
+    quantised to uint8, masks/validity to bool, expression maps to float16 (the stages' dtypes).
+    ``failed[stage]`` names faces recorded as failed in that stage (status ``"failed"``, no arrays).
+    """
+    failed = failed or {}
+    compact = {
+        "image": (faces.images.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1) if faces.images.dtype != torch.uint8 else faces.images.permute(0, 2, 3, 1),
+        "uv_texture": (faces.uv_textures.float().clamp(0, 1) * 255).round().to(torch.uint8) if faces.uv_textures.dtype != torch.uint8 else faces.uv_textures,
+    }
+    out = {}
+    for stage in STAGES:
+        shards, digests, rows = [], [], []
+        for number, lo in enumerate(range(0, len(faces), faces_per_shard)):
+            records = []
+            for i in range(lo, min(lo + faces_per_shard, len(faces))):
+                face_id = faces.face_ids[i]
+                record: dict[str, Any] = {"face_id": face_id, "status": "ok"}
+                if stage == "aligned_faces":
+                    record["face_sha256"] = face_sha256[i] if face_sha256 is not None else f"sha-{face_id}"
+                if face_id in failed.get(stage, set()):
+                    record.update(status="failed", reason="synthetic failure")
+                elif stage == "aligned_faces":
+                    record["image"] = compact["image"][i].numpy()
+                elif stage == "face_masks":
+                    record["mask"] = faces.masks[i, 0].bool().numpy()
+                elif stage == "face_coefficients":
+                    record["coefficients"] = faces.coefficients[i].float().numpy()
+                else:
+                    record.update(expression_map=faces.expression_maps[i].half().numpy(), uv_texture=compact["uv_texture"][i].numpy(),
+                                  texture_valid=faces.texture_valid[i].bool().numpy())
+                records.append(record)
+            path = Path(folder) / stage / shard_name(number)
+            digests.append(write_shard(path, records))
+            shards.append(path)
+            rows += index_rows(number, records)
+        out[stage] = FaceShards(shards, index_frame(rows), digests, {})
+    return out
+
+
 __all__ = [
     "STAGES", "StreamError", "trainable_faces", "split_faces", "shard_path_tuples", "face_sample", "iter_zipped_shard",
     "collate_faces", "shuffle_buffer_order", "FaceShardStream", "batch_loader", "ShardBatches", "InMemoryBatches",
-    "face_tensors_from_shards",
+    "face_tensors_from_shards", "write_stage_shards",
 ]
