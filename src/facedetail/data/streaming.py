@@ -30,7 +30,7 @@ Two ways to split the work (``split``):
 * ``"shard"``: consumer ``c`` of ``C = world_size * num_workers`` reads only shards
   ``order[c::C]`` with its own shuffle buffer: each shard is read by exactly one consumer.
 * ``"auto"`` (default): ``"shard"`` when every consumer gets at least ``min_shards_per_consumer``
-  shards holding split faces, else ``"sample"``.
+  shards holding split faces and even the fewest, smallest shards fill one batch, else ``"sample"``.
 
 Equal batch counts (DDP never hangs): training streams are infinite and every rank yields exactly
 one batch per step. Per epoch the remainder is dropped: ``"sample"`` keeps ``floor(N / B)`` global
@@ -282,7 +282,11 @@ class FaceShardStream(IterableDataset):
         if self.split != "auto":
             return self.split
         consumers = self.world_size * max(1, num_workers)
-        return "shard" if len(self.nonempty_shards) >= consumers * self.min_shards_per_consumer else "sample"
+        if len(self.nonempty_shards) < consumers * self.min_shards_per_consumer:
+            return "sample"
+        # the worst case consumer (the fewest shards, the smallest ones) must still fill one batch
+        counts = np.sort([len(rows) for rows in self._rows_of_shard.values()])
+        return "shard" if counts[: len(counts) // consumers].sum() >= self.batch_size else "sample"
 
     def _rng(self, *keys: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, *keys])
