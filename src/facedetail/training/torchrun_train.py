@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -55,6 +56,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--conf-source", default=None, help="configuration folder (default: the project's conf/)")
     parser.add_argument("--params", default=None, help="runtime parameters, kedro syntax: train.steps=10,train.batch_size=8")
     parser.add_argument("--project-path", default=".", help="Kedro project folder (default: the working directory)")
+    parser.add_argument("--device", default=None,
+                        help="auto|cpu|cuda (default: $FACEDETAIL_DEVICE, else auto); picks NCCL (CUDA) or gloo (CPU) "
+                             "before the configuration is read, and must agree with the 'device' parameter")
     return parser.parse_args(argv)
 
 
@@ -68,16 +72,27 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from facedetail.pipelines.train.nodes import _mlflow_logging_callbacks, register_model, run_training
     from facedetail.training.distributed import barrier, cleanup, init_distributed
+    from facedetail.utils import resolve_device
 
     project = Path(args.project_path).resolve()
     bootstrap_project(project)
     session_kwargs: dict[str, Any] = {"project_path": project, "env": args.env, "runtime_params": parse_params(args.params)}
     if args.conf_source:
         session_kwargs["conf_source"] = str(Path(args.conf_source).resolve())
+    ctx = init_distributed(args.device or os.environ.get("FACEDETAIL_DEVICE", "auto"))
     with KedroSession.create(**session_kwargs) as session:
-        context = session.load_context()  # kedro-mlflow's hook sets the tracking URI and experiment here
+        # kedro-mlflow's hook sets up the tracking store here: rank 0 first (a fresh sqlite store is
+        # created and migrated once), then the others
+        if not ctx.is_main:
+            barrier(ctx)
+        context = session.load_context()
+        if ctx.is_main:
+            barrier(ctx)
         params = context.params
-        ctx = init_distributed(params.get("device", "auto"))
+        configured = resolve_device(params.get("device", "auto"))
+        if configured.type != ctx.device.type:
+            raise SystemExit(f"the 'device' parameter resolves to {configured} but this job runs on {ctx.device} "
+                             "(set FACEDETAIL_DEVICE or --device to the same device)")
         try:
             catalog = context.catalog
             stages = [catalog.load(name) for name in STAGE_DATASETS]
