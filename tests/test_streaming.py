@@ -146,6 +146,19 @@ def test_dataloader_workers_give_the_same_batches_as_the_main_process(stages):
         assert a.face_ids == b.face_ids and torch.equal(a.images, b.images) and torch.equal(a.expression_maps, b.expression_maps)
 
 
+@pytest.mark.parametrize("split,world", [("sample", 1), ("sample", 2), ("shard", 2)])
+def test_a_consumer_holds_at_most_the_shuffle_buffer_plus_one_batch(stages, split, world):
+    _, st = stages
+    train, _ = split_faces(trainable_faces(*st.values()), 0.0, seed=0)
+    for buffer in (0, 3, 6):
+        stream = FaceShardStream.from_stages(*st.values(), face_ids=train, batch_size=2, seed=3, shuffle_buffer=buffer, split=split,
+                                             world_size=world, min_shards_per_consumer=1)
+        it = stream.iter_consumer(0, 1)
+        for _ in range(60):  # several epochs
+            next(it)
+        assert 0 < stream.peak_held <= buffer + 2, (buffer, stream.peak_held)
+
+
 def test_shuffle_buffer_is_a_bounded_permutation():
     rng = np.random.default_rng(0)
     order = shuffle_buffer_order(200, 16, rng)

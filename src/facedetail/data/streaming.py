@@ -254,6 +254,7 @@ class FaceShardStream(IterableDataset):
         self.min_shards_per_consumer = int(min_shards_per_consumer)
         self.nonempty_shards = np.unique(self.shard_of)
         self._rows_of_shard = {int(s): np.flatnonzero(self.shard_of == s) for s in self.nonempty_shards}
+        self.peak_held = 0  #: most decoded faces this consumer held at once (in this process; for tests/diagnostics)
 
     @classmethod
     def from_stages(
@@ -393,6 +394,7 @@ class FaceShardStream(IterableDataset):
                 if any(r.get("status", "ok") != "ok" for r in records):
                     raise ShardError(f"face '{face_id}' is indexed as trainable but a stage record has status != 'ok'")
                 held[row] = face_sample(records)
+                self.peak_held = max(self.peak_held, len(held))
                 while next_batch < len(plan.batches) and all(r in held for r in plan.batches[next_batch].tolist()):
                     for r in plan.batches[next_batch].tolist():
                         yield held[r]

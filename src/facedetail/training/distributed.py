@@ -9,8 +9,10 @@ runs under ``kedro run`` unchanged.
 Batch-coupled operations (for exact data-parallel maths, see ``DetailTrainer``):
 
 * BatchNorm layers (``norm: batch`` in the model configs) are converted to ``SyncBatchNorm`` so the
-  statistics are those of the global batch; the shipped configs use instance norm (per sample,
-  nothing to synchronise).
+  statistics are those of the global batch (CUDA only: torch has no CPU SyncBatchNorm, so a CPU
+  DDP run with batch norm is refused); the shipped configs use instance norm (per sample, nothing
+  to synchronise). The discriminator step scores real and fake images in one forward (one DDP
+  forward per backward), so a batch-norm D normalises them together.
 * Dropout (``model.dropout`` > 0; 0 in the shipped configs) draws its masks from the process RNG:
   each rank seeds torch with ``seed + rank`` after the models are built (identical initial weights,
   which DDP also broadcasts from rank 0; independent masks per rank). The masks then differ from a
@@ -141,7 +143,10 @@ def wrap_ddp(module: torch.nn.Module, ctx: DistContext) -> torch.nn.Module:
     if not ctx.enabled:
         return module
     if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in module.modules()):
-        module = torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
+        if ctx.device.type == "cpu":
+            raise ValueError("norm 'batch' under DDP needs SyncBatchNorm, which torch supports on GPUs only: "
+                             "use norm 'instance' (the shipped configs) for multi-process CPU training")
+        module = torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)  # converts the children in place
     device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
     return torch.nn.parallel.DistributedDataParallel(module, device_ids=device_ids, broadcast_buffers=False)
 
