@@ -145,6 +145,8 @@ def _assert_same_models(a: dict, b: dict, atol: float) -> None:
     assert len(skip["generator"]) >= 4 and len(skip["discriminator"]) == 2
     for part in ("generator", "discriminator"):
         assert a[part].keys() == b[part].keys()
+        worst = max(float((v - b[part][k]).abs().max()) for k, v in a[part].items() if k not in skip[part])
+        print(f"{part}: max |weight difference| {worst:.2e} (biases before instance norm excluded: {len(skip[part])})")
         for name, value in a[part].items():
             if name not in skip[part]:
                 assert torch.allclose(value, b[part][name], atol=atol, rtol=0), (part, name, float((value - b[part][name]).abs().max()))
