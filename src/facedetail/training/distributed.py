@@ -102,7 +102,12 @@ def cleanup() -> None:
 def all_reduce_sum(tensor: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     """Sum ``tensor`` over the ranks (in place; a no-op in a single process)."""
     if ctx.enabled:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        if ctx.backend == "nccl" and tensor.device.type != "cuda":  # NCCL reduces CUDA tensors only
+            on_device = tensor.to(ctx.device)
+            dist.all_reduce(on_device, op=dist.ReduceOp.SUM)
+            tensor.copy_(on_device.cpu())
+        else:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
 
 
