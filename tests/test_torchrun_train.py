@@ -39,8 +39,6 @@ model_registration:
 
 
 def test_torchrun_two_gloo_ranks_train_save_log_and_register(tmp_path):
-    import pickle
-
     from kedro.io.core import Version
 
     from facedetail.data.streaming import write_stage_shards
@@ -66,6 +64,7 @@ def test_torchrun_two_gloo_ranks_train_save_log_and_register(tmp_path):
               "train.streaming.shuffle_buffer=4")
     env = {**os.environ, "DO_NOT_TRACK": "1", "FACEDETAIL_DEVICE": "cpu", "FACEDETAIL_ICT_MODEL": str(ICT), "OMP_NUM_THREADS": "1",
            "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlruns.db'}", "PYTHONPATH": str(REPO_ROOT / "src")}
+    env.pop("MLFLOW_REGISTRY_URI", None)  # earlier in-process tests may have set it (mlflow.set_registry_uri)
     tic = time.perf_counter()
     done = subprocess.run(
         [str(TORCHRUN), "--standalone", "--nproc_per_node=2", "-m", "facedetail.training.torchrun_train", "--", "--params", params],
@@ -80,13 +79,11 @@ def test_torchrun_two_gloo_ranks_train_save_log_and_register(tmp_path):
     assert len(versions) == 1  # rank 0 alone saved it
     checkpoint = torch.load(versions[0] / "detail_generator.pt", weights_only=True)
     assert checkpoint["step"] == 2 and checkpoint["uv_size"] == 32
-    import mlflow
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"], registry_uri=env["MLFLOW_TRACKING_URI"])
     runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
     assert len(runs) == 1 and runs[0].data.tags["world_size"] == "2"  # one run, by rank 0
     assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "train.loss_total")] == [0, 1]
     versions = client.search_model_versions("name='torchrun-test-model'")
     assert len(versions) == 1 and versions[0].run_id == runs[0].info.run_id
-    del mlflow, pickle
