@@ -6,6 +6,7 @@ import copy
 import pytest
 import torch
 
+from facedetail.data.streaming import FaceShardStream, ShardBatches, face_tensors_from_shards, write_stage_shards
 from facedetail.geometry.face_model import load_face_model
 from facedetail.geometry.uv import expression_map
 from facedetail.losses.photometric import masked_photometric_loss
@@ -68,6 +69,14 @@ def synthetic_faces(face_model, renderer=None, n=2, seed=0):
     return FaceTensors([f"face{i}" for i in range(n)], photos, masks, coeffs, textures, texture_valid, exp_maps)
 
 
+def shard_batches(data, folder, batch_size=2, infinite=True, faces_per_shard=1, shuffle_buffer=2):
+    """``data`` written as the four stage shard datasets and streamed back (the training path)."""
+    stages = write_stage_shards(data, folder, faces_per_shard=faces_per_shard)
+    stream = FaceShardStream.from_stages(*stages.values(), face_ids=data.face_ids, batch_size=batch_size, seed=0,
+                                         shuffle_buffer=shuffle_buffer if infinite else 0, infinite=infinite)
+    return ShardBatches(stream), stages
+
+
 def test_photometric_gradient_reaches_the_displacement_map(face_model):
     renderer = DetailRenderer(face_model, UV, albedo_blur_sigma=1.0)
     data = synthetic_faces(face_model, renderer)
@@ -81,7 +90,7 @@ def test_photometric_gradient_reaches_the_displacement_map(face_model):
 
 
 def test_training_reduces_the_photometric_loss(face_model, tmp_path):
-    data = synthetic_faces(face_model)
+    data, _ = shard_batches(synthetic_faces(face_model), tmp_path / "shards")
     config = tiny_config(tmp_path, steps=25, checkpoint_every=100)
     config["loss_weights"]["adversarial"] = 0.0
     result = DetailTrainer(face_model, None, config, UV, torch.device("cpu")).fit(data)
@@ -91,7 +100,8 @@ def test_training_reduces_the_photometric_loss(face_model, tmp_path):
 
 
 def test_killed_training_resumes_from_last_checkpoint_exactly(face_model, tmp_path):
-    data = synthetic_faces(face_model)
+    # 3 faces, batch 2: the resumed stream must continue mid-epoch with the right faces
+    data, _ = shard_batches(synthetic_faces(face_model, n=3), tmp_path / "shards")
     torch.manual_seed(0)
     uninterrupted = DetailTrainer(face_model, None, tiny_config(tmp_path / "a"), UV, torch.device("cpu")).fit(data)
 
@@ -177,6 +187,20 @@ def test_logged_image_grid_rows_show_the_batch_faces(face_model, tmp_path):
             tile = grid[row * 224 : (row + 1) * 224]
             photo, coarse = tile[:, :224].astype(int), tile[:, 224:448].astype(int)
             assert abs(photo[:16, :16] - coarse[:16, :16]).max() <= 1  # outside the face both are the same photo
+
+
+def test_validation_is_streamed_and_equals_the_in_memory_evaluation(face_model, tmp_path):
+    faces = synthetic_faces(face_model, n=3)
+    validation, stages = shard_batches(faces, tmp_path / "shards", batch_size=2, infinite=False)
+    train, _ = shard_batches(faces.subset([0, 1]), tmp_path / "train_shards")
+    trainer = DetailTrainer(face_model, None, tiny_config(tmp_path, steps=1), UV, torch.device("cpu"))
+    result = trainer.fit(train, validation)
+    streamed = result.history[-1]
+    assert streamed["step"] == 1 and set(streamed) >= {"val_photometric_detailed", "val_photometric_coarse"}
+    in_memory = trainer.evaluate(face_tensors_from_shards(*stages.values()), batch_size=3)  # the same faces, one batch
+    assert streamed["val_photometric_detailed"] == pytest.approx(in_memory["val_photometric_detailed"], rel=1e-5)
+    assert streamed["val_photometric_coarse"] == pytest.approx(in_memory["val_photometric_coarse"], rel=1e-5)
+    assert streamed["val_photometric_coarse"] > 0
 
 
 def test_compact_uint8_faces_train_exactly_like_their_float_version(face_model, tmp_path):

@@ -223,6 +223,14 @@ class ScheduleParams(Section):
         return self
 
 
+class StreamingParams(Section):
+    shuffle_buffer: NonNegativeInt = 256
+    num_workers: NonNegativeInt = 0
+    prefetch_factor: PositiveInt = 2
+    split: Literal["auto", "sample", "shard"] = "auto"
+    min_shards_per_consumer: PositiveInt = 2
+
+
 class TrainParams(Section):
     validation_fraction: Probability
     split_seed: int = 0
@@ -247,6 +255,7 @@ class TrainParams(Section):
     registered_model_name: Annotated[str, Field(min_length=1)]
     backend: RasterBackend = "auto"
     scene_cache_faces: NonNegativeInt = 512
+    streaming: StreamingParams = StreamingParams()
 
 
 # ---------------------------------------------------------------------------------------------- evaluate, inference
@@ -255,6 +264,7 @@ class TrainParams(Section):
 class EvaluateParams(Section):
     faces: Literal["validation", "all"] = "validation"
     facenet: bool = True
+    batch_size: PositiveInt = 8
 
 
 class InferenceParams(Section):

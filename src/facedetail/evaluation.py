@@ -6,7 +6,7 @@ the photo, and the landmark error of the coarse fit (normalised by the outer-eye
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable, Mapping
 
 import matplotlib
 
@@ -29,27 +29,37 @@ METRICS = ("photometric_l1", "facenet_cosine")
 @torch.no_grad()
 def evaluate_faces(
     generator: DetailGenerator,
-    data: FaceTensors,
+    data: FaceTensors | Iterable[FaceTensors],
     face_model: FaceModel,
     embedder: torch.nn.Module | None,
     device: torch.device,
     albedo_blur_sigma: float = 2.0,
     batch_size: int = 8,
-    landmark_nme: np.ndarray | None = None,
+    landmark_nme: Mapping[str, float] | None = None,
 ) -> pd.DataFrame:
-    """One row per face: coarse vs. detailed photometric error and FaceNet similarity."""
-    renderer = DetailRenderer(face_model.to(device), data.uv_textures.shape[-1], data.images.shape[-1], albedo_blur_sigma=albedo_blur_sigma)
+    """One row per face: coarse vs. detailed photometric error and FaceNet similarity.
+
+    Args:
+        data: the faces, in memory (split into ``batch_size`` batches) or as a stream of batches
+            (e.g. :class:`facedetail.data.streaming.ShardBatches` over the validation split).
+        landmark_nme: the coarse fit's landmark error by face id (added as a column when given).
+    """
+    if isinstance(data, FaceTensors):
+        data = [data.subset(index) for index in torch.arange(len(data)).split(batch_size)]
+    renderer = None
     rows = []
-    for index in torch.arange(len(data)).split(batch_size):
-        batch = data.subset(index).to(device).as_float()
+    for batch in data:
+        batch = batch.to(device).as_float()
+        if renderer is None:
+            renderer = DetailRenderer(face_model.to(device), batch.uv_textures.shape[-1], batch.images.shape[-1], albedo_blur_sigma=albedo_blur_sigma)
         scene = renderer.prepare(batch.coefficients, batch.uv_textures, batch.texture_valid)
         out = generator(batch.uv_textures, batch.texture_valid, batch.expression_maps)
         _, detailed_normals = renderer.detailed_maps(scene, out["displacement"])
         renders = {"coarse": renderer.render(scene, scene.normal_map), "detailed": renderer.render(scene, detailed_normals)}
         mask = scene.render_mask * batch.masks
         real_embedding = embedder(batch.images) if embedder is not None else None
-        for j, face_index in enumerate(index.tolist()):
-            row: dict[str, Any] = {"face_id": data.face_ids[face_index]}
+        for j, face_id in enumerate(batch.face_ids):
+            row: dict[str, Any] = {"face_id": face_id}
             for name, render in renders.items():
                 row[f"photometric_l1_{name}"] = float(masked_photometric_loss(render[j : j + 1], batch.images[j : j + 1], mask[j : j + 1], kind="l1"))
                 if real_embedding is not None:
@@ -57,7 +67,7 @@ def evaluate_faces(
                     row[f"facenet_cosine_{name}"] = float(F.cosine_similarity(embedder(composite), real_embedding[j : j + 1]).item())
             row["displacement_abs_mean"] = float(out["displacement"][j].abs().mean())
             if landmark_nme is not None:
-                row["landmark_nme"] = float(landmark_nme[face_index])
+                row["landmark_nme"] = float(landmark_nme.get(face_id, np.nan))
             rows.append(row)
     return pd.DataFrame(rows)
 

@@ -16,18 +16,19 @@ The module knows nothing of Kedro or MLflow: logging goes through the ``log_metr
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping, Protocol
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from facedetail.data.faces import FaceTensors, validation_split  # noqa: F401 - re-exported (tests, evaluation)
+from facedetail.data.streaming import InMemoryBatches
 from facedetail.geometry.detail import displacement_regularization_points
 from facedetail.geometry.face_model import FaceModel
 from facedetail.losses.adversarial import lsgan_d_loss, lsgan_g_loss
@@ -50,6 +51,16 @@ from facedetail.training.checkpoint import (
     unpack_history,
 )
 from facedetail.render.detail import DetailRenderer, FaceBatchScene
+from facedetail.training.distributed import (
+    DistContext,
+    all_reduce_sum,
+    all_true,
+    barrier,
+    broadcast_object,
+    gather_objects,
+    single_process,
+    wrap_ddp,
+)
 from facedetail.utils import settings_hash
 
 logger = logging.getLogger(__name__)
@@ -62,75 +73,20 @@ class TrainingError(RuntimeError):
     """Training cannot go on (empty data, persistent non-finite losses, inconsistent inputs)."""
 
 
-@dataclass
-class FaceTensors:
-    """Per-face training inputs, all indexed like ``face_ids``.
+class BatchSource(Protocol):
+    """What :meth:`DetailTrainer.fit` trains on: ``facedetail.data.streaming.ShardBatches`` or ``InMemoryBatches``.
 
-    images (N, 3, H, W) in [0, 1]; masks (N, 1, H, W) in {0, 1}; coefficients (N, K);
-    uv_textures (N, 3, S, S) in [0, 1]; texture_valid (N, 1, S, S); expression_maps (N, 3, S, S).
-    Large sets may keep compact dtypes (uint8 images/textures, bool masks, float16 maps: a quarter
-    of the memory); :meth:`as_float` converts one batch at a time.
+    ``face_ids``: every face of the split (the same on every rank; part of the run key).
+    ``batch_size``: this rank's batch. ``batches(start_step)``: this rank's batches from rank-local
+    step ``start_step`` on (one batch per training step, reproducible from the seed: exact resume).
     """
 
     face_ids: list[str]
-    images: torch.Tensor
-    masks: torch.Tensor
-    coefficients: torch.Tensor
-    uv_textures: torch.Tensor
-    texture_valid: torch.Tensor
-    expression_maps: torch.Tensor
+    batch_size: int
 
-    def __len__(self) -> int:
-        return len(self.face_ids)
+    def __len__(self) -> int: ...
 
-    def subset(self, index: torch.Tensor | np.ndarray | list[int]) -> "FaceTensors":
-        index = torch.as_tensor(np.asarray(index), dtype=torch.long)
-        return FaceTensors(
-            [self.face_ids[i] for i in index.tolist()],
-            self.images[index],
-            self.masks[index],
-            self.coefficients[index],
-            self.uv_textures[index],
-            self.texture_valid[index],
-            self.expression_maps[index],
-        )
-
-    def as_float(self) -> "FaceTensors":
-        """The same faces as float32 tensors in the documented ranges (uint8 images/textures / 255)."""
-
-        def unit(t: torch.Tensor) -> torch.Tensor:
-            return t.float() / 255.0 if t.dtype == torch.uint8 else t.float()
-
-        return FaceTensors(
-            self.face_ids, unit(self.images), self.masks.float(), self.coefficients.float(),
-            unit(self.uv_textures), self.texture_valid.float(), self.expression_maps.float(),
-        )
-
-    def to(self, device: torch.device) -> "FaceTensors":
-        return FaceTensors(
-            self.face_ids,
-            *(t.to(device) for t in (self.images, self.masks, self.coefficients, self.uv_textures, self.texture_valid, self.expression_maps)),
-        )
-
-
-def validation_split(face_keys: list[str], fraction: float, seed: int, threshold_from: int = 100) -> np.ndarray:
-    """A seeded, content-based split: ``True`` = validation face.
-
-    Each face gets a score from the hash of ``seed:key``. With ``threshold_from`` faces or more, a
-    face is in validation when its score is below ``fraction``, so adding faces never moves
-    another face across the split. Smaller sets take exactly ``round(fraction * n)`` faces (the
-    lowest scores; at least one on each side when there are two faces or more), so a tiny sample
-    is not split at random proportions.
-    """
-    scores = np.array([int(hashlib.sha256(f"{seed}:{k}".encode()).hexdigest()[:12], 16) / 16**12 for k in face_keys])
-    n = len(face_keys)
-    if n >= threshold_from:
-        return scores < fraction
-    is_val = np.zeros(n, bool)
-    if n >= 2 and fraction > 0:
-        k = min(n - 1, max(1, int(round(fraction * n))))
-        is_val[np.argsort(scores)[:k]] = True
-    return is_val
+    def batches(self, start_step: int = 0) -> Iterator[FaceTensors]: ...
 
 
 @dataclass
@@ -152,7 +108,17 @@ class DetailTrainer:
         config: the ``train`` parameters (see ``conf/base/parameters_train.yml``).
         uv_size: side of the UV maps.
         device: torch device.
-        log_metrics, log_images: optional callbacks.
+        log_metrics, log_images: optional callbacks (called on rank 0 only).
+        distributed: this process's place in a data-parallel group (:func:`~facedetail.training.distributed.init_distributed`);
+            ``None``: a single process. With more than one rank, G and D are wrapped in
+            ``DistributedDataParallel``, ``config['batch_size']`` is the GLOBAL batch (each rank
+            trains on ``batch_size / world_size`` faces), rank 0 alone logs and writes checkpoints.
+
+    Exact data-parallel maths: gradients are averaged over ranks, so every loss must be a mean of
+    equal-weight per-rank parts. LSGAN, perceptual and Eq. 2 terms are per-sample means (equal
+    per-rank batches); the masked photometric loss divides by the mask area of the batch, so under
+    DDP it is rescaled by ``local area / mean area over ranks`` (giving the global ratio); the
+    skip-on-non-finite decision is taken collectively; D sees real and fake in one forward.
     """
 
     def __init__(
@@ -165,9 +131,14 @@ class DetailTrainer:
         log_metrics: MetricsCallback | None = None,
         log_images: ImagesCallback | None = None,
         backend: str = "auto",
+        distributed: DistContext | None = None,
     ) -> None:
         self.config = dict(config)
         self.device = device
+        self.dist = distributed or single_process(device)
+        self.world_size, self.rank = self.dist.world_size, self.dist.rank
+        if int(config["batch_size"]) % self.world_size:
+            raise TrainingError(f"train.batch_size {config['batch_size']} (the global batch) is not divisible by the world size {self.world_size}")
         self.face_model = face_model.to(device)
         self.embedder = embedder.to(device).eval() if embedder is not None else None
         self.uv_size = int(uv_size)
@@ -194,7 +165,13 @@ class DetailTrainer:
         self.use_amp = bool(config.get("mixed_precision", True)) and device.type == "cuda"
         self.checkpoint_root = Path(config.get("checkpoint_dir", "data/06_models/checkpoints"))
         self.checkpoint_dir = self.checkpoint_root  # set per training set in fit()
-        self.sampler = torch.Generator().manual_seed(int(config.get("seed", 0)))
+        self.seed = int(config.get("seed", 0))
+        # DDP broadcasts rank 0's weights; the optimisers hold the same Parameter objects.
+        self._g = wrap_ddp(self.generator, self.dist)
+        self._d = wrap_ddp(self.discriminator, self.dist)
+        if self.dist.enabled:
+            torch.manual_seed(self.seed + self.rank)  # per-rank dropout masks (see training.distributed)
+        self._scene_cache: dict[str, FaceBatchScene] | None = None
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self, step: int) -> dict[str, Any]:
@@ -210,14 +187,19 @@ class DetailTrainer:
             "uv_size": self.uv_size,
             "face_model_kind": self.face_model.kind,
             "rng": capture_rng_state(),
-            "sampler": self.sampler.get_state(),
+            # the stream position: one batch per step, reproducible from the seed (resume reopens the stream here)
+            "stream": {"seed": self.seed, "batches_consumed": step, "world_size": self.world_size},
         }
 
-    def save_checkpoint(self, step: int, completed: bool = False) -> Path:
+    def save_checkpoint(self, step: int, completed: bool = False) -> Path | None:
+        """Rank 0 writes the checkpoint (with every rank's RNG state and the history so far); a collective."""
+        rng_per_rank = gather_objects(capture_rng_state(), self.dist)
+        if not self.dist.is_main:
+            return None
         # the history rows so far travel with the checkpoint: a resumed run's history holds every step
-        history = pack_history(getattr(self, "history", []))
-        path = atomic_torch_save({**self.state_dict(step), "completed": completed, "history": history},
-                                 checkpoint_path(self.checkpoint_dir, step))
+        state = {**self.state_dict(step), "completed": completed, "rng_per_rank": rng_per_rank,
+                 "history": pack_history(getattr(self, "history", []))}
+        path = atomic_torch_save(state, checkpoint_path(self.checkpoint_dir, step))
         prune_checkpoints(self.checkpoint_dir, int(self.config.get("keep_checkpoints", 3)))
         return path
 
@@ -225,7 +207,7 @@ class DetailTrainer:
     NON_TRAINING_KEYS = ("log_every", "image_log_every", "checkpoint_every", "keep_checkpoints", "checkpoint_dir", "resume",
                          "registered_model_name", "nan_tolerance", "validation_fraction", "split_seed", "log_checkpoint_artifact")
 
-    def run_key(self, train: FaceTensors) -> str:
+    def run_key(self, train: FaceTensors | BatchSource) -> str:
         """Hash of everything that defines a training run: settings, face model, UV size and training faces."""
         settings = {k: v for k, v in self.config.items() if k not in self.NON_TRAINING_KEYS}
         return settings_hash({"train": settings, "uv_size": self.uv_size, "kind": self.face_model.kind, "faces": sorted(train.face_ids)})
@@ -238,14 +220,18 @@ class DetailTrainer:
         self.resumed_history: list[dict[str, float]] = []
         if not self.config.get("resume", True):
             return 0
-        path = latest_checkpoint(self.checkpoint_dir)
+        # rank 0 picks the checkpoint, every rank loads that same file
+        path = broadcast_object(latest_checkpoint(self.checkpoint_dir) if self.dist.is_main else None, self.dist)
         if path is None:
             return 0
         state = load_checkpoint(path, map_location=self.device)
         if state.get("completed", False):
             logger.info("the previous run with these settings completed (%s): training anew", path)
-            for old in self.checkpoint_dir.glob("step_*.pt"):
-                old.unlink(missing_ok=True)
+            barrier(self.dist)  # every rank has read it before rank 0 deletes it
+            if self.dist.is_main:
+                for old in self.checkpoint_dir.glob("step_*.pt"):
+                    old.unlink(missing_ok=True)
+            barrier(self.dist)
             return 0
         self.generator.load_state_dict(state["generator"])
         self.discriminator.load_state_dict(state["discriminator"])
@@ -253,34 +239,58 @@ class DetailTrainer:
         self.opt_d.load_state_dict(state["opt_d"])
         self.sched_g.load_state_dict(state["sched_g"])
         self.sched_d.load_state_dict(state["sched_d"])
-        restore_rng_state(state["rng"])
-        self.sampler.set_state(state["sampler"].cpu())
+        per_rank = state.get("rng_per_rank") or []
+        if len(per_rank) == self.world_size:
+            restore_rng_state(per_rank[self.rank])
+        else:
+            restore_rng_state(state["rng"])
+            if self.dist.enabled:
+                torch.manual_seed(self.seed + 1000 * int(state["step"]) + self.rank)
+                logger.warning("checkpoint written by %d ranks resumed on %d: per-rank RNG re-seeded", len(per_rank), self.world_size)
+        stream = state.get("stream", {})
+        if int(stream.get("seed", self.seed)) != self.seed or int(stream.get("batches_consumed", state["step"])) != int(state["step"]):
+            raise TrainingError(f"checkpoint {path} was written by a stream with another seed/position: {stream}")
         self.resumed_history = unpack_history(state.get("history"))  # absent in older checkpoints
         logger.info("resumed detail training from %s (step %d)", path, state["step"])
         return int(state["step"])
 
     # ------------------------------------------------------------------ one step
-    def _batches(self, n_faces: int, batch_size: int):
-        while True:
-            for index in torch.randperm(n_faces, generator=self.sampler).split(batch_size):
-                yield index
+    def cached_scene(self, batch: FaceTensors) -> FaceBatchScene | None:
+        """The batch's fixed coarse geometry from the per-face scene cache (``None`` when the cache is off).
 
-    def prepare_scenes(self, data: FaceTensors, chunk: int = 8) -> FaceBatchScene:
-        """The fixed coarse geometry, UV bakes and rasterization of every face, computed once."""
-        scenes = [
-            self.renderer.prepare(part.coefficients, part.uv_textures, part.texture_valid)
-            for part in (data.subset(index).to(self.device).as_float() for index in torch.arange(len(data)).split(chunk))
-        ]
-        return FaceBatchScene.concatenate(scenes)
+        The cache is on for training sets of at most ``scene_cache_faces`` faces (default 512);
+        each face is prepared alone, so its scene does not depend on which faces shared its batch.
+        """
+        if self._scene_cache is None:
+            return None
+        for i, face_id in enumerate(batch.face_ids):
+            if face_id not in self._scene_cache:
+                one = batch.subset([i])
+                self._scene_cache[face_id] = self.renderer.prepare(one.coefficients, one.uv_textures, one.texture_valid)
+        return FaceBatchScene.concatenate([self._scene_cache[f] for f in batch.face_ids])
+
+    def _as_source(self, data: FaceTensors | BatchSource, infinite: bool) -> BatchSource:
+        """A batch source: in-memory faces get this rank's share of the global batch."""
+        if hasattr(data, "batches"):
+            return data  # type: ignore[return-value]
+        global_batch = int(self.config["batch_size"])
+        if self.world_size == 1:
+            global_batch = min(global_batch, max(1, len(data)))
+        return InMemoryBatches(data, global_batch // self.world_size, self.seed, self.rank, self.world_size, infinite)
 
     def losses(
-        self, batch: FaceTensors, step: int, scene: FaceBatchScene | None = None
+        self, batch: FaceTensors, step: int, scene: FaceBatchScene | None = None, training: bool = False
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """Generator-side losses of one batch and the tensors needed for D and logging."""
+        """Generator-side losses of one batch and the tensors needed for D and logging.
+
+        ``training``: through the DDP-wrapped generator, with the photometric term normalised by
+        the mask area of the global batch (exact data-parallel gradients).
+        """
         if scene is None:
             scene = self.renderer.prepare(batch.coefficients, batch.uv_textures, batch.texture_valid)
+        generator = self._g if training else self.generator
         with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.use_amp):
-            out = self.generator(batch.uv_textures, batch.texture_valid, batch.expression_maps)
+            out = generator(batch.uv_textures, batch.texture_valid, batch.expression_maps)
         displacement = out["displacement"].float()
         detailed_positions, detailed_normals = self.renderer.detailed_maps(scene, displacement)
         with torch.no_grad():
@@ -292,6 +302,11 @@ class DetailTrainer:
         detailed_full = mask * detailed + (1 - mask) * real
         coarse_full = mask * coarse + (1 - mask) * real
         terms: dict[str, torch.Tensor] = {"photometric": masked_photometric_loss(detailed, real, mask)}
+        if training and self.dist.enabled:
+            # sum/area per rank -> sum/mean area over ranks: the rank average is then the global ratio
+            area = mask.expand(-1, 1, -1, -1).sum().detach().clamp_min(1e-8)
+            mean_area = all_reduce_sum(area.clone(), self.dist) / self.world_size
+            terms["photometric"] = terms["photometric"] * (area / mean_area)
         if self.embedder is not None and self.weights.get("perceptual", 0.0) > 0:
             with torch.no_grad():
                 real_embedding = self.embedder(real)
@@ -312,6 +327,7 @@ class DetailTrainer:
             "detailed_full": detailed_full,
             "displacement": displacement,
             "embedding": out["embedding"].float(),
+            "generator_outputs": out,
             "mask": mask,
             "scene": scene,
             "detailed_normals": detailed_normals,
@@ -323,9 +339,9 @@ class DetailTrainer:
         """One generator and one discriminator update; ``None`` when the step was skipped (non-finite)."""
         self.generator.train()
         self.discriminator.train()
-        terms, extras = self.losses(batch, step, scene)
-        if not torch.isfinite(terms["total"]):
-            self.opt_g.zero_grad(set_to_none=True)
+        terms, extras = self.losses(batch, step, scene, training=True)
+        if not all_true(bool(torch.isfinite(terms["total"])), self.dist):  # collective: all ranks skip together
+            self._release_ddp_graph(extras["generator_outputs"].values(), self.opt_g)
             logger.warning("step %d: non-finite loss %s, step skipped", step, {k: float(v.detach()) for k, v in terms.items()})
             return None
         self.opt_g.zero_grad(set_to_none=True)
@@ -335,69 +351,103 @@ class DetailTrainer:
         metrics = {f"loss_{k}": float(v.detach()) for k, v in terms.items()}
         if self.weights.get("adversarial", 0.0) > 0:
             condition = extras["coarse_full"] if self.config["discriminator"].get("conditional", True) else None
+            # real and fake in one forward: one DDP forward per backward
+            both = torch.cat([batch.images, extras["detailed_full"].detach()])
+            both_condition = torch.cat([condition, condition]) if condition is not None else None
             with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.use_amp):
-                d_real = self.discriminator(batch.images, condition)
-                d_fake = self.discriminator(extras["detailed_full"].detach(), condition)
-            d_loss = lsgan_d_loss(d_real.float(), d_fake.float())
-            if torch.isfinite(d_loss):
+                scores = self._d(both, both_condition)
+            d_real, d_fake = scores.float().chunk(2)
+            d_loss = lsgan_d_loss(d_real, d_fake)
+            if all_true(bool(torch.isfinite(d_loss)), self.dist):
                 self.opt_d.zero_grad(set_to_none=True)
                 d_loss.backward()
                 self.opt_d.step()
+            else:
+                self._release_ddp_graph([scores], self.opt_d)
             metrics["loss_discriminator"] = float(d_loss.detach())
             self.sched_d.step()
         self.sched_g.step()
         metrics["learning_rate"] = float(self.opt_g.param_groups[0]["lr"])
         metrics.update(extras["weights"])
         metrics["displacement_abs_mean"] = float(extras["displacement"].detach().abs().mean())
+        if self.dist.enabled:  # logged values are means over the ranks
+            names = sorted(metrics)
+            values = all_reduce_sum(torch.tensor([metrics[k] for k in names], dtype=torch.float64), self.dist) / self.world_size
+            metrics = dict(zip(names, values.tolist()))
         self._last_extras = extras
         return metrics
 
+    def _release_ddp_graph(self, outputs, optimizer: torch.optim.Optimizer) -> None:
+        """A skipped step: under DDP the forward still expects a backward, so run a zero one, then drop the gradients."""
+        if self.dist.enabled:
+            torch.stack([o.float().sum() for o in outputs]).sum().mul(0.0).backward()
+        optimizer.zero_grad(set_to_none=True)
+
     @torch.no_grad()
-    def evaluate(self, data: FaceTensors, batch_size: int) -> dict[str, float]:
-        """Mean validation losses (photometric coarse vs. detailed) without updating anything."""
+    def evaluate(self, data: FaceTensors | BatchSource, batch_size: int | None = None) -> dict[str, float]:
+        """Mean validation losses (photometric coarse vs. detailed), streamed, without updating anything.
+
+        Each rank evaluates its share of the validation faces (plain modules, no DDP); the
+        face-weighted sums are all-reduced, so every rank returns the mean over the whole split.
+        """
+        if not hasattr(data, "batches"):
+            data = InMemoryBatches(data, int(batch_size or self.config["batch_size"]), self.seed, self.rank, self.world_size, infinite=False)
         self.generator.eval()
-        sums: dict[str, float] = {}
-        for index in torch.arange(len(data)).split(batch_size):
-            batch = data.subset(index).to(self.device).as_float()
+        keys = ("val_photometric_detailed", "val_photometric_coarse")
+        sums = torch.zeros(len(keys) + 1, dtype=torch.float64)
+        for batch in data.batches(0):
+            batch = batch.to(self.device).as_float()
             terms, extras = self.losses(batch, step=int(self.config["steps"]))
             coarse_error = masked_photometric_loss(extras["coarse"], batch.images, extras["mask"])
-            values = {"val_photometric_detailed": float(terms["photometric"]), "val_photometric_coarse": float(coarse_error)}
-            for key, value in values.items():
-                sums[key] = sums.get(key, 0.0) + value * len(index)
-        return {key: value / len(data) for key, value in sums.items()}
+            sums += torch.tensor([float(terms["photometric"]) * len(batch), float(coarse_error) * len(batch), len(batch)], dtype=torch.float64)
+        sums = all_reduce_sum(sums, self.dist)
+        count = max(1.0, float(sums[-1]))
+        return {key: float(sums[i]) / count for i, key in enumerate(keys)}
 
     # ------------------------------------------------------------------ loop
-    def fit(self, train: FaceTensors, validation: FaceTensors | None = None) -> TrainingResult:
+    def fit(self, train: FaceTensors | BatchSource, validation: FaceTensors | BatchSource | None = None) -> TrainingResult:
         """Train for ``config['steps']`` steps (resuming from this configuration's last checkpoint).
 
-        The run holds :class:`CheckpointLock` on its checkpoint folder: a concurrent run with the same settings
-        fails with :class:`CheckpointLockedError` instead of resuming from this run's live checkpoints.
+        Args:
+            train: a batch source (:class:`~facedetail.data.streaming.ShardBatches` over the shards,
+                or :class:`~facedetail.data.streaming.InMemoryBatches`) or in-memory ``FaceTensors``.
+                One batch is consumed per step; the stream position (batches consumed = step) is
+                part of the checkpoint, so a resumed run reopens the stream exactly there.
+            validation: evaluated once at the end, streamed (a finite source or ``FaceTensors``).
+
+        The run's main process holds :class:`CheckpointLock` on its checkpoint folder: a concurrent run with the
+        same settings fails with :class:`CheckpointLockedError` instead of resuming from this run's live checkpoints.
         """
-        with CheckpointLock(self.checkpoint_root / self.run_key(train)):
+        if not self.dist.is_main:
+            return self._fit(train, validation)
+        with CheckpointLock(self.checkpoint_root / self.run_key(self._as_source(train, infinite=True))):
             return self._fit(train, validation)
 
-    def _fit(self, train: FaceTensors, validation: FaceTensors | None = None) -> TrainingResult:
+    def _fit(self, train: FaceTensors | BatchSource, validation: FaceTensors | BatchSource | None = None) -> TrainingResult:
         if len(train) == 0:
             raise TrainingError("the training set is empty: no face passed data_prep/estimation (see the manifest)")
+        source = self._as_source(train, infinite=True)
         steps = int(self.config["steps"])
-        batch_size = min(int(self.config["batch_size"]), len(train))
-        self.checkpoint_dir = self.checkpoint_root / self.run_key(train)
+        self.checkpoint_dir = self.checkpoint_root / self.run_key(source)
         start = self.try_resume()
         result = TrainingResult(self.generator, history=self.resumed_history, resumed_from=start or None)
         self.history = result.history  # saved with each checkpoint
-        validation = validation if validation is not None and len(validation) else None  # batches move to the device
-        batches = self._batches(len(train), batch_size)
-        scenes = self.prepare_scenes(train) if len(train) <= int(self.config.get("scene_cache_faces", 512)) else None
+        if validation is not None and len(validation):
+            validation = self._as_source(validation, infinite=False) if hasattr(validation, "batches") else validation
+        else:
+            validation = None
+        self._scene_cache = {} if len(source) <= int(self.config.get("scene_cache_faces", 512)) else None
+        batches = source.batches(start)
         nan_streak, nan_tolerance = 0, int(self.config.get("nan_tolerance", 5))
         log_every, image_every = int(self.config.get("log_every", 10)), int(self.config.get("image_log_every", 100))
         checkpoint_every = int(self.config.get("checkpoint_every", 100))
-        progress = tqdm(range(start, steps), initial=start, total=steps, desc="train detail", unit="step", dynamic_ncols=True)
+        main = self.dist.is_main
+        progress = tqdm(range(start, steps), initial=start, total=steps, desc="train detail", unit="step", dynamic_ncols=True, disable=not main)
         step = start
         for step in progress:
             tic = time.perf_counter()
-            index = next(batches)
-            batch = train.subset(index).to(self.device).as_float()
-            metrics = self.train_step(batch, step, scenes.select(index.to(self.device)) if scenes is not None else None)
+            batch = next(batches).to(self.device).as_float()
+            metrics = self.train_step(batch, step, self.cached_scene(batch))
             if metrics is None:
                 nan_streak += 1
                 if nan_streak > nan_tolerance:
@@ -410,15 +460,16 @@ class DetailTrainer:
             metrics["seconds_per_step"] = time.perf_counter() - tic
             result.history.append({"step": step, **metrics})
             progress.set_postfix(total=f"{metrics['loss_total']:.4f}", photo=f"{metrics['loss_photometric']:.4f}")
-            if step % log_every == 0 or step == steps - 1:
+            if main and (step % log_every == 0 or step == steps - 1):
                 self.log_metrics(metrics, step)
-            if step % image_every == 0 or step == steps - 1:
+            if main and (step % image_every == 0 or step == steps - 1):
                 self.log_images("train_grid", self.image_grid(self._last_extras["images"], self._last_extras), step)
             if (step + 1) % checkpoint_every == 0 and step + 1 < steps:
                 self.save_checkpoint(step + 1)
         if validation is not None:
-            val_metrics = self.evaluate(validation, batch_size)
-            self.log_metrics(val_metrics, steps)
+            val_metrics = self.evaluate(validation, source.batch_size)
+            if main:
+                self.log_metrics(val_metrics, steps)
             result.history.append({"step": steps, **val_metrics})
         result.final_step = steps
         result.checkpoint = self.save_checkpoint(steps, completed=True)

@@ -9,11 +9,12 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from facedetail.data.shards import FaceShards
+from facedetail.data.streaming import FaceShardStream, ShardBatches, trainable_faces
 from facedetail.engine.checkpoint import generator_from_checkpoint
 from facedetail.evaluation import comparison_figure, evaluate_faces, summarise
 from facedetail.geometry.face_model import load_face_model_from_params
 from facedetail.models.facenet import load_face_embedder
-from facedetail.training.bundles import assemble_face_tensors
 from facedetail.utils import resolve_device
 
 logger = logging.getLogger(__name__)
@@ -31,9 +32,10 @@ def tag_registered_version(model_registration: dict[str, Any], summary: dict[str
 
 def evaluate_detail_model(
     detail_model: dict[str, Any],
-    aligned_faces: dict[str, np.ndarray],
-    face_estimates: dict[str, np.ndarray],
-    uv_maps: dict[str, np.ndarray],
+    aligned_faces: FaceShards,
+    face_masks: FaceShards,
+    face_coefficients: FaceShards,
+    uv_maps: FaceShards,
     train_split: dict[str, list[str]],
     model_registration: dict[str, Any],
     evaluate_params: dict[str, Any],
@@ -41,30 +43,33 @@ def evaluate_detail_model(
     weights_params: dict[str, Any],
     device: str,
 ) -> tuple[pd.DataFrame, Figure, dict[str, dict[str, float]]]:
-    """Evaluate on the validation faces (all faces when ``evaluate.faces`` is ``all``).
+    """Evaluate on the validation faces (all trainable faces when ``evaluate.faces`` is ``all``), streamed from the shards.
 
     Returns ``(evaluation_table, evaluation_plot, evaluation_metrics)``.
     """
     torch_device = resolve_device(device)
-    data = assemble_face_tensors(aligned_faces, face_estimates, uv_maps)
-    wanted = set(train_split.get("validation", [])) if evaluate_params.get("faces", "validation") == "validation" else set(data.face_ids)
+    stages = (aligned_faces, face_masks, face_coefficients, uv_maps)
+    trainable = trainable_faces(*stages)
+    every = trainable.loc[trainable["trainable"], "face_id"].tolist()
+    wanted = list(train_split.get("validation", [])) if evaluate_params.get("faces", "validation") == "validation" else every
     if not wanted:
         logger.warning("no validation faces: evaluating on the training faces instead (numbers are optimistic)")
-        wanted = set(data.face_ids)
-    index = [i for i, f in enumerate(data.face_ids) if f in wanted]
-    subset = data.subset(index)
-    nme_of = dict(zip(face_estimates["face_ids"].tolist(), face_estimates["landmark_nme"].tolist()))
+        wanted = every
+    batches = ShardBatches(FaceShardStream.from_stages(*stages, face_ids=wanted, batch_size=int(evaluate_params.get("batch_size", 8)),
+                                                       infinite=False, shuffle_buffer=0)).batches(0)
+    index = face_coefficients.index
+    nme_of = dict(zip(index["face_id"], index["landmark_nme"].astype(float))) if "landmark_nme" in index else None
     embedder = None
     if evaluate_params.get("facenet", True):
         embedder, _ = load_face_embedder(weights_params.get("facenet") or None, weights_params["facenet_cache"], torch_device)
     table = evaluate_faces(
         generator_from_checkpoint(detail_model, torch_device),
-        subset,
+        batches,
         load_face_model_from_params(face_model_params, torch_device),
         embedder,
         torch_device,
         albedo_blur_sigma=float(detail_model.get("albedo_blur_sigma", 2.0)),
-        landmark_nme=np.array([nme_of[f] for f in subset.face_ids], dtype=np.float32),
+        landmark_nme=nme_of,
     )
     summary = summarise(table)
     logger.info("evaluation on %d faces: %s", len(table), {k: round(v, 4) for k, v in summary.items()})

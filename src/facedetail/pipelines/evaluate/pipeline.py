@@ -10,7 +10,7 @@ def create_pipeline(**kwargs) -> Pipeline:
             Node(
                 evaluate_detail_model,
                 inputs=[
-                    "detail_model", "aligned_faces", "face_estimates", "uv_maps", "train_split", "model_registration",
+                    "detail_model", "aligned_faces", "face_masks", "face_coefficients", "uv_maps", "train_split", "model_registration",
                     "params:evaluate", "params:face_model", "params:weights", "params:device",
                 ],
                 outputs=["evaluation_table", "evaluation_plot", "evaluation_metrics"],

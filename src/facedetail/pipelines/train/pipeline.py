@@ -11,7 +11,8 @@ def create_pipeline(**kwargs) -> Pipeline:
                 train_detail_generator,
                 inputs=[
                     "aligned_faces",
-                    "face_estimates",
+                    "face_masks",
+                    "face_coefficients",
                     "uv_maps",
                     "params:train",
                     "params:face_model",
