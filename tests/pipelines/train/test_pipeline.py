@@ -86,19 +86,25 @@ def test_train_writes_versioned_outputs(trained):
 
     checkpoint = torch.load(_single_version(project / "data" / "06_models", "detail_generator.pt"), weights_only=True)
     assert checkpoint["uv_size"] == 32 and checkpoint["face_model_kind"] == "ict" and checkpoint["step"] == 3
-    with np.load(_single_version(project / "data" / "04_feature", "uv_maps.npz")) as uv:
-        assert uv["expression_maps"].shape[1:] == (3, 32, 32)
-        assert len(uv["face_ids"]) >= 5  # the sample has 5 images, one of them with two faces
-    with np.load(_single_version(project / "data" / "04_feature", "face_estimates.npz")) as est:
-        assert est["coefficients"].shape[1] == 186  # ICT layout: 100 id + 53 exp + 3 + 27 + 3
-        assert np.median(est["landmark_nme"]) < 0.05
-        with np.load(_single_version(project / "data" / "03_primary", "aligned_faces.npz")) as aligned:
-            row = aligned["face_ids"].tolist().index(str(est["face_ids"][0]))
-            x0, y0, x1, y1 = aligned["bbox"][row]
-        original = est["fitted_landmarks68_original"][0]
-        margin = 0.15 * (x1 - x0)  # jaw points may sit slightly outside MTCNN's box
-        assert (original[:, 0] > x0 - margin).all() and (original[:, 0] < x1 + margin).all()
-        assert (original[:, 1] > y0 - margin).all() and (original[:, 1] < y1 + margin).all()
+    uv = _faces(_single_version(project / "data" / "05_model_input", "uv_maps"))
+    assert uv[0]["expression_map"].shape == (3, 32, 32)
+    assert len(uv) >= 5  # the sample has 5 images, one of them with two faces
+    estimates = [f for f in _faces(_single_version(project / "data" / "04_feature", "face_coefficients")) if f["status"] == "ok"]
+    assert estimates[0]["coefficients"].shape == (186,)  # ICT layout: 100 id + 53 exp + 3 + 27 + 3
+    assert np.median([float(f["landmark_nme"]) for f in estimates]) < 0.05
+    aligned = {f["face_id"]: f for f in _faces(_single_version(project / "data" / "03_primary", "aligned_faces"))}
+    x0, y0, x1, y1 = aligned[estimates[0]["face_id"]]["bbox"]
+    original = estimates[0]["fitted_landmarks68_original"]
+    margin = 0.15 * (x1 - x0)  # jaw points may sit slightly outside MTCNN's box
+    assert (original[:, 0] > x0 - margin).all() and (original[:, 0] < x1 + margin).all()
+    assert (original[:, 1] > y0 - margin).all() and (original[:, 1] < y1 + margin).all()
+
+
+def _faces(folder: Path) -> list[dict]:
+    """Every face record of a sharded dataset version folder, shard by shard."""
+    from facedetail.data.shards import read_shard
+
+    return [face for shard in sorted(folder.glob("shard-*.tar")) for face in read_shard(shard)]
 
 
 def test_run_is_tracked_and_model_registered(trained):
@@ -116,6 +122,14 @@ def test_run_is_tracked_and_model_registered(trained):
     assert "train/train_grid_000000.png" in artifacts and "train/model_registration.json" in artifacts
     assert [a.path for a in client.list_artifacts(run.info.run_id, "train/checkpoint")] == ["train/checkpoint/step_00000003.pt"]
     assert {a.path for a in client.list_artifacts(run.info.run_id, "evaluate")} >= {"evaluate/evaluation_table.csv", "evaluate/coarse_vs_detailed.png"}
+    # lineage: the intermediates the run wrote are MLflow dataset inputs (name, version, digest, face count, role);
+    # MLflow keeps one entry per dataset and run, so a dataset written and then read is logged once, as "output"
+    logged = {d.dataset.name: d for d in client.get_run(run.info.run_id).inputs.dataset_inputs}
+    for name in ("aligned_faces", "face_landmarks", "face_masks", "facenet_embeddings", "face_coefficients", "uv_maps"):
+        tags = {t.key: t.value for t in logged[name].tags}
+        assert tags["role"] == "output" and int(tags["faces"]) >= 5 and tags["kedro.version"], name
+        assert len(logged[name].dataset.digest) == 16
+    assert {"detail_model", "face_manifest", "training_history"} <= set(logged)
     versions = client.search_model_versions(f"name='{MODEL_NAME}'")
     assert len(versions) == 1 and versions[0].run_id == run.info.run_id
     tags = versions[0].tags  # the evaluation summary travels with the registered version
