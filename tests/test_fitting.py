@@ -140,7 +140,9 @@ def test_photometric_fit_on_a_rendered_face(ict, tmp_path: Path) -> None:
     target = screen[:, ict.lmk68, :2]
     # a small ridge: on this clean render the z / ambient / (3z^2 - 1) SH terms are nearly collinear and the
     # default ridge (tuned on real photos with hair and occluders) would shrink the frontal light
-    settings = FitSettings(photometric_steps=30, lighting_ridge=1e-4)
+    # photometric_size=None: the photometric term at the crop's size. At the default 64x64 the fit is as
+    # good (lower final photometric loss) but the nearly collinear z / ambient terms split differently.
+    settings = FitSettings(photometric_steps=30, lighting_ridge=1e-4, photometric_size=None)
     result = fit_coefficients(ict, image, target, settings=settings)
     assert result.steps["photometric"] > 0
     assert result.losses["photometric"][0] < 0.04, result.losses
