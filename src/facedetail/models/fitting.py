@@ -86,7 +86,7 @@ class FitSettings:
     lr_exp: float = 0.03
     lr_tex: float = 0.05
     lr_gamma: float = 0.01  # models with an albedo basis only (ICT: closed-form lighting)
-    photometric_lr_scale: float = 0.3  # geometry learning rates in the photometric stage, relative
+    photometric_lr_scale: float = 0.1  # geometry learning rates in the photometric stage, relative
     # the landmark stage's learning rates anneal (cosine) down to this fraction of theirs (1: constant)
     landmark_lr_final: float = 0.02
     w_landmark: float = 0.02
@@ -569,7 +569,7 @@ def _run_stage(
     history[name] = []
     if steps <= 0:
         return 0
-    optimiser = torch.optim.Adam(params)
+    optimiser = torch.optim.Adam([dict(group) for group in params])  # copies: the schedule edits the lrs
     tensors = [t for group in params for t in group["params"]]
     per_face = settings.early_stop_per_face
     best_sum, since_best_sum = float("inf"), 0
