@@ -116,15 +116,16 @@ class FittingParams(Section):
     """Mirror of :class:`facedetail.estimation.fitting.FitSettings` (tests/test_config.py keeps the two in step)."""
 
     rigid_steps: NonNegativeInt = 60
-    landmark_steps: NonNegativeInt = 240
-    photometric_steps: NonNegativeInt = 60
+    landmark_steps: NonNegativeInt = 400
+    photometric_steps: NonNegativeInt = 30
     lr_angles: PositiveFloat = 0.02
     lr_trans_cm: PositiveFloat = 0.2
     lr_id: PositiveFloat = 0.05
     lr_exp: PositiveFloat = 0.03
     lr_tex: PositiveFloat = 0.05
     lr_gamma: PositiveFloat = 0.01
-    photometric_lr_scale: PositiveFloat = 0.2
+    photometric_lr_scale: PositiveFloat = 0.1
+    landmark_lr_final: PositiveFloat = 0.02
     w_landmark: NonNegativeFloat = 0.02
     w_photometric: NonNegativeFloat = 1.0
     w_id: NonNegativeFloat = 2e-3
@@ -136,8 +137,11 @@ class FittingParams(Section):
     albedo_smoothing_steps: NonNegativeInt = 30
     albedo_every: PositiveInt = 5
     min_facing: Annotated[float, Field(ge=-1, le=1)] = 0.2
-    early_stop_patience: PositiveInt = 15
+    early_stop_patience: PositiveInt = 40
     early_stop_rel_tol: NonNegativeFloat = 1e-3
+    early_stop_per_face: bool = True
+    photometric_size: Annotated[int, Field(ge=16)] | None = 64
+    rasterize_every: PositiveInt = 5
     use_photometric: bool = True
     show_progress: bool = False
     cpu_threads: PositiveInt | None = 1

@@ -19,8 +19,13 @@ Per face (batched) on an aligned 224x224 crop, coefficients in the model's layou
   (projected after every step).
 
 Optimisation: Adam in two stages, (1) landmarks only on the 68 landmark vertices (cheap), first
-pose alone then pose + shape; (2) all terms with the rasterizer. Each stage stops early when the
-batch's loss stops improving. Everything runs on the model's device (CPU or CUDA).
+pose alone then pose + shape with annealed learning rates; (2) all terms with the rasterizer, on the
+face region's vertices only, at a reduced resolution (``photometric_size``), rasterizing every
+``rasterize_every`` steps (barycentrics are recomputed, differentiably, at every step). Each face stops
+early when its own loss stops improving and is then frozen (``early_stop_per_face``), so a face's
+result does not depend on the other faces of its batch: fit many faces per call (32 or more) to
+amortise the per-step overhead. The final losses and the overlay use the whole mesh at the crop's
+size. Everything runs on the model's device (CPU or CUDA).
 
 Pixel convention: crop pixels are continuous (pixel ``(c, r)`` covers ``[c, c+1) x [r, r+1)``,
 its centre is ``(c + 0.5, r + 0.5)``), matching :mod:`facedetail.geometry.camera` and the renderer.
@@ -28,8 +33,10 @@ its centre is ``(c + 0.5, r + 0.5)``), matching :mod:`facedetail.geometry.camera
 from __future__ import annotations
 
 import logging
+import math
 import time
 import warnings
+import weakref
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Mapping, Sequence
 
@@ -43,7 +50,7 @@ from facedetail.geometry.face_model import FaceModel
 from facedetail.geometry.lighting import SH_AMBIENT_INIT, irradiance, sh_basis
 from facedetail.geometry.mesh import vertex_normals
 from facedetail.render.rasterizer import rasterize
-from facedetail.render.shading import covered_pixel_colours, shade_vertices
+from facedetail.render.shading import shade_vertices
 
 logger = logging.getLogger(__name__)
 
@@ -73,15 +80,17 @@ class FitSettings:
     """
 
     rigid_steps: int = 60
-    landmark_steps: int = 240
-    photometric_steps: int = 60
+    landmark_steps: int = 400
+    photometric_steps: int = 30
     lr_angles: float = 0.02
     lr_trans_cm: float = 0.2  # translation step in centimetres (x5 in the rigid stage), any model unit
     lr_id: float = 0.05
     lr_exp: float = 0.03
     lr_tex: float = 0.05
     lr_gamma: float = 0.01  # models with an albedo basis only (ICT: closed-form lighting)
-    photometric_lr_scale: float = 0.2  # geometry learning rates in the photometric stage, relative
+    photometric_lr_scale: float = 0.1  # geometry learning rates in the photometric stage, relative
+    # the landmark stage's learning rates anneal (cosine) down to this fraction of theirs (1: constant)
+    landmark_lr_final: float = 0.02
     w_landmark: float = 0.02
     w_photometric: float = 1.0
     w_id: float = 2e-3
@@ -93,8 +102,17 @@ class FitSettings:
     albedo_smoothing_steps: int = 30
     albedo_every: int = 5
     min_facing: float = 0.2  # vertices whose rotated normal has z below this are not sampled for albedo
-    early_stop_patience: int = 15
+    early_stop_patience: int = 40
     early_stop_rel_tol: float = 1e-3
+    # True: each face stops on its own loss and is frozen from then on (a face's result does not depend
+    # on the other faces of its batch); False: the batch stops when its summed loss stops improving.
+    early_stop_per_face: bool = True
+    # side (pixels) at which the photometric term is rasterized during the optimisation (the crop is
+    # box-downsampled to it); None: the crop's size. The final losses are always at the crop's size.
+    photometric_size: int | None = 64
+    # the photometric stage rasterizes every ``rasterize_every`` steps; in between it keeps each pixel's
+    # triangle and recomputes only the (differentiable) barycentrics (1: rasterize every step)
+    rasterize_every: int = 5
     use_photometric: bool = True
     show_progress: bool = False
     # torch CPU threads during the fit (restored afterwards); None leaves torch's setting. The fit is
@@ -201,6 +219,60 @@ def _smooth(values: torch.Tensor, operator: torch.Tensor, steps: int) -> torch.T
     return flat.reshape(n_vertices, batch, channels).permute(1, 0, 2)
 
 
+@dataclass
+class _MeshView:
+    """The whole mesh or its face region, as the fit evaluates it.
+
+    Attributes:
+        vertex_ids: (Vv,) model vertex ids of the view's vertices (None: the whole mesh).
+        triangles: (F, 3) view-local triangles used for the normals.
+        photo_triangles: (Fp, 3) view-local face-region triangles (rasterized by the photometric term).
+        face_mask: (Vv,) bool, the vertices that may be sampled for albedo and lighting.
+        smoother: the albedo smoothing operator on the view (None for a model with an albedo basis).
+        mean: (Vv, 3) mean shape; basis: (K_id + K_exp, Vv * 3) identity then expression rows
+            (region view only; the whole mesh uses :meth:`FaceModel.shape`).
+    """
+
+    vertex_ids: torch.Tensor | None
+    triangles: torch.Tensor
+    photo_triangles: torch.Tensor
+    face_mask: torch.Tensor
+    smoother: torch.Tensor | None
+    mean: torch.Tensor | None = None
+    basis: torch.Tensor | None = None
+
+
+_MODEL_VIEWS: "weakref.WeakKeyDictionary[FaceModel, tuple[torch.device, _MeshView, _MeshView]]" = weakref.WeakKeyDictionary()
+
+
+def _model_views(model: FaceModel) -> tuple[_MeshView, _MeshView]:
+    """The whole-mesh and face-region views of ``model`` (constant: built once per model object and device)."""
+    cached = _MODEL_VIEWS.get(model)
+    if cached is not None and cached[0] == model.device:
+        return cached[1], cached[2]
+    face_tris = model.face_mask[model.triangles].all(1)
+    photo_triangles = model.triangles[face_tris]
+    smoother = None if model.has_albedo else mesh_smoothing_operator(model.triangles, model.n_vertices)
+    full = _MeshView(None, model.triangles, photo_triangles, model.face_mask, smoother)
+    ids, local = torch.unique(photo_triangles, return_inverse=True)
+    local = local.reshape(photo_triangles.shape)
+    n_basis = model.layout.n_id + model.layout.n_exp
+    basis = torch.cat([model.id_basis[:, ids], model.exp_basis[:, ids]], 0).reshape(n_basis, -1).contiguous()
+    region = _MeshView(
+        ids, local, local, model.face_mask[ids],
+        None if model.has_albedo else mesh_smoothing_operator(local, len(ids)),
+        model.mean_shape[ids].contiguous(), basis,
+    )
+    _MODEL_VIEWS[model] = (model.device, full, region)
+    return full, region
+
+
+def _box_resize(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(B, H, W, C) float images area-resampled to ``size`` = (h, w)."""
+    resized = torch.nn.functional.interpolate(images.permute(0, 3, 1, 2), size=size, mode="area")
+    return resized.permute(0, 2, 3, 1).contiguous()
+
+
 def sample_image(images: torch.Tensor, points_px: torch.Tensor) -> torch.Tensor:
     """Bilinear samples of (B, H, W, C) float images at (B, N, 2) continuous pixel coords -> (B, N, C)."""
     height, width = images.shape[1], images.shape[2]
@@ -284,10 +356,21 @@ class _Problem:
         self.angles = zeros(3).requires_grad_()
         self.trans_cm = zeros(3).requires_grad_()
         self.gamma = zeros(layout.n_gamma).requires_grad_()
-        face_tris = model.face_mask[model.triangles].all(1)
-        self.photo_triangles = model.triangles[face_tris]
-        self.smoother = mesh_smoothing_operator(model.triangles, model.n_vertices) if not model.has_albedo else None
+        self.full_view, self.region_view = _model_views(model)
+        self.photo_triangles = self.full_view.photo_triangles
+        # the photometric term during the optimisation: optionally on box-downsampled copies
+        size = settings.photometric_size
+        if size is not None and (int(size) != self.height or int(size) != self.width):
+            if int(size) <= 0:
+                raise ValueError(f"photometric_size must be positive or None, got {size}")
+            self.opt_size = (int(size), int(size))
+            self.opt_images = _box_resize(self.images, self.opt_size)
+            self.opt_masks = _box_resize(self.masks[..., None], self.opt_size)[..., 0] if self.masks is not None else None
+        else:
+            self.opt_size, self.opt_images, self.opt_masks = (self.height, self.width), self.images, self.masks
+        self.opt_fragments: tuple[torch.Tensor, torch.Tensor] | None = None
         self.albedo = torch.full((batch, model.n_vertices, 3), 0.5, device=device)
+        self.region_albedo = torch.full((batch, len(self.region_view.vertex_ids), 3), 0.5, device=device)
         # landmark-only sub-model (cheap stage 1)
         lmk = model.lmk68
         self.lmk_mean = model.mean_shape[lmk]
@@ -344,49 +427,117 @@ class _Problem:
         normals = vertex_normals(shape, self.model.triangles) @ rotation
         return screen, normals, shape
 
+    def region_geometry(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Screen vertices and rotated unit normals (B, Vr, 3) of the face region only (its normals
+        from the region's triangles): what the photometric stage optimises."""
+        view = self.region_view
+        coeffs = torch.cat([self.id, self.exp], 1)
+        shape = view.mean + (coeffs @ view.basis).reshape(self.batch, -1, 3)
+        screen, rotation = self.project(shape)
+        normals = vertex_normals(shape, view.triangles) @ rotation
+        return screen, normals
+
     @torch.no_grad()
-    def _vertex_samples(self, screen: torch.Tensor, normals: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _vertex_samples(self, screen: torch.Tensor, normals: torch.Tensor, view: _MeshView) -> tuple[torch.Tensor, torch.Tensor]:
         """Image colours at the vertices (B, V, 3) and which vertices may be sampled (B, V) bool:
         face region, facing the camera, inside the crop and the image mask."""
         colours = sample_image(self.images, screen[..., :2])
-        valid = self.model.face_mask[None] & (normals[..., 2] > self.settings.min_facing)
+        valid = view.face_mask[None] & (normals[..., 2] > self.settings.min_facing)
         valid &= (screen[..., 0] >= 0) & (screen[..., 0] < self.width) & (screen[..., 1] >= 0) & (screen[..., 1] < self.height)
         if self.masks is not None:
             valid &= sample_image(self.masks[..., None].float(), screen[..., :2])[..., 0] > 0.5
         return colours, valid
 
+    def _model_albedo(self, view: _MeshView) -> torch.Tensor:
+        albedo = self.model.albedo(self.tex)
+        return albedo if view.vertex_ids is None else albedo[:, view.vertex_ids]
+
     @torch.no_grad()
-    def update_lighting_and_albedo(self, screen: torch.Tensor, normals: torch.Tensor) -> None:
+    def update_lighting_and_albedo(self, screen: torch.Tensor, normals: torch.Tensor, view: _MeshView | None = None) -> None:
         """ICT: closed-form white lighting, then the per-vertex albedo = image at the vertices de-lit
         by the shading and low-pass filtered over the mesh. A model with an albedo basis keeps its
-        optimised lighting and uses its albedo."""
+        optimised lighting and uses its albedo. ``view``: the vertices ``screen`` / ``normals`` belong
+        to (default the whole mesh: sets ``albedo``; the face region sets ``region_albedo``)."""
+        view = view or self.full_view
         if self.model.has_albedo:
-            self.albedo = self.model.albedo(self.tex).clamp(0, 1)
-            return
-        colours, valid = self._vertex_samples(screen, normals)
-        self.gamma.copy_(estimate_white_lighting(colours, normals, valid, self.settings.lighting_ridge))
-        shading = irradiance(normals, self.gamma).clamp(min=0.05)
-        weight = valid.float()[..., None]
-        raw = (colours / shading).clamp(0, 1.5) * weight
-        num = _smooth(raw, self.smoother, self.settings.albedo_smoothing_steps)
-        den = _smooth(weight, self.smoother, self.settings.albedo_smoothing_steps)
-        mean = raw.sum(1, keepdim=True) / weight.sum(1, keepdim=True).clamp(min=1)
-        blend = (den / 0.2).clamp(max=1.0)  # far from valid vertices: fall back to the face's mean colour
-        self.albedo = (blend * num / den.clamp(min=1e-6) + (1 - blend) * mean).clamp(0, 1)
+            albedo = self._model_albedo(view).clamp(0, 1)
+        else:
+            colours, valid = self._vertex_samples(screen, normals, view)
+            self.gamma.copy_(estimate_white_lighting(colours, normals, valid, self.settings.lighting_ridge))
+            shading = irradiance(normals, self.gamma).clamp(min=0.05)
+            weight = valid.float()[..., None]
+            raw = (colours / shading).clamp(0, 1.5) * weight
+            num = _smooth(raw, view.smoother, self.settings.albedo_smoothing_steps)
+            den = _smooth(weight, view.smoother, self.settings.albedo_smoothing_steps)
+            mean = raw.sum(1, keepdim=True) / weight.sum(1, keepdim=True).clamp(min=1)
+            blend = (den / 0.2).clamp(max=1.0)  # far from valid vertices: fall back to the face's mean colour
+            albedo = (blend * num / den.clamp(min=1e-6) + (1 - blend) * mean).clamp(0, 1)
+        if view.vertex_ids is None:
+            self.albedo = albedo
+        else:
+            self.region_albedo = albedo
 
-    def vertex_colours(self, normals: torch.Tensor) -> torch.Tensor:
-        """(B, V, 3) shaded colours."""
-        albedo = self.model.albedo(self.tex) if self.model.has_albedo else self.albedo
+    def vertex_colours(self, normals: torch.Tensor, view: _MeshView | None = None) -> torch.Tensor:
+        """(B, V, 3) shaded colours of the view's vertices (default the whole mesh)."""
+        view = view or self.full_view
+        if self.model.has_albedo:
+            albedo = self._model_albedo(view)
+        else:
+            albedo = self.albedo if view.vertex_ids is None else self.region_albedo
         return shade_vertices(albedo, normals, self.gamma)
 
-    def photometric_loss(self, screen: torch.Tensor, colours: torch.Tensor) -> torch.Tensor:
-        """(B,) mean L2 colour distance over covered face-region pixels inside the image mask."""
-        fragments = self.rasterizer(screen, self.photo_triangles, (self.height, self.width))
-        pixel_index, batch_of, pixel_colour = covered_pixel_colours(fragments, self.photo_triangles, colours)
-        target = self.images.reshape(-1, 3)[pixel_index]
+    def rasterize_face(
+        self, screen: torch.Tensor, size: tuple[int, int], triangles: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Face-region fragments ``(pixel_index, face_index, bary)`` of (B, V, 3) screen vertices already
+        scaled to ``size`` = (h, w); ``face_index`` indexes ``triangles`` (default ``photo_triangles``)."""
+        fragments = self.rasterizer(screen, self.photo_triangles if triangles is None else triangles, size)
+        return fragments.pixel_index, fragments.face_index, fragments.bary_packed
+
+    def photometric_loss(
+        self,
+        screen: torch.Tensor,
+        colours: torch.Tensor,
+        optimising: bool = False,
+        refresh: bool = True,
+        fragments: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """(B,) mean L2 colour distance over covered face-region pixels inside the image mask.
+
+        Args:
+            screen: (B, V, 3) screen vertices in crop pixels (the face region's (B, Vr, 3) when optimising).
+            colours: (B, V, 3) shaded vertex colours (of the same vertices).
+            optimising: on the face region's vertices (:meth:`region_geometry`), at
+                ``settings.photometric_size`` (the screen is scaled to it); else the whole mesh at the crop's size.
+            refresh: (optimising only) rasterize; False reuses the pixel -> triangle assignment of the
+                last rasterization and only recomputes the (differentiable) barycentrics.
+            fragments: precomputed crop-size fragments of :meth:`rasterize_face` (not optimising).
+        """
+        if optimising:
+            (height, width), images, masks = self.opt_size, self.opt_images, self.opt_masks
+            triangles = self.region_view.photo_triangles
+            if (height, width) != (self.height, self.width):
+                screen = screen * screen.new_tensor([width / self.width, height / self.height, 1.0])
+            if refresh or self.opt_fragments is None:
+                pixel_index, face_index, bary = self.rasterize_face(screen, (height, width), triangles)
+                self.opt_fragments = (pixel_index, face_index)
+            else:
+                from facedetail.render.rasterize_fast import barycentrics_at_pixels
+
+                pixel_index, face_index = self.opt_fragments
+                bary, _ = barycentrics_at_pixels(screen, triangles, pixel_index, face_index, height, width)
+        else:
+            (height, width), images, masks = (self.height, self.width), self.images, self.masks
+            triangles = self.photo_triangles
+            pixel_index, face_index, bary = fragments if fragments is not None else self.rasterize_face(screen, (height, width))
+        n_per_image = height * width
+        batch_of = pixel_index // n_per_image
+        corners = triangles[face_index]  # (N, 3)
+        pixel_colour = (bary[..., None] * colours[batch_of[:, None], corners]).sum(1)
+        target = images.reshape(-1, 3)[pixel_index]
         weight = torch.ones_like(pixel_colour[:, 0])
-        if self.masks is not None:
-            weight = self.masks.reshape(-1)[pixel_index].float()
+        if masks is not None:
+            weight = masks.reshape(-1)[pixel_index].float()
         distance = ((pixel_colour - target) ** 2).sum(-1).add(1e-8).sqrt() * weight
         total = torch.zeros(self.batch, device=screen.device).index_add(0, batch_of, distance)
         count = torch.zeros(self.batch, device=screen.device).index_add(0, batch_of, weight)
@@ -401,29 +552,68 @@ def _run_stage(
     steps: int,
     settings: FitSettings,
     history: dict[str, list[float]],
+    lr_final: float = 1.0,
 ) -> int:
-    """Adam on ``params`` for up to ``steps`` steps with early stopping on the batch's summed loss."""
+    """Adam on ``params`` (tensors with the batch first) for up to ``steps`` steps with early stopping.
+
+    ``lr_final`` < 1: the learning rates follow a cosine from their values down to ``lr_final`` times
+    them over ``steps`` (annealing: the last steps refine instead of oscillating).
+
+    ``closure`` returns the (B,) per-face losses. With ``settings.early_stop_per_face`` a face whose
+    loss has not improved by ``early_stop_rel_tol`` for ``early_stop_patience`` steps is frozen (its
+    parameters are restored after every later step) and the stage ends when every face is frozen;
+    otherwise the stage ends when the batch's summed loss stops improving. Returns the steps run.
+    """
     history[name] = []
     if steps <= 0:
         return 0
-    optimiser = torch.optim.Adam(params)
-    best, since_best = float("inf"), 0
+    optimiser = torch.optim.Adam([dict(group) for group in params])  # copies: the schedule edits the lrs
+    tensors = [t for group in params for t in group["params"]]
+    per_face = settings.early_stop_per_face
+    best_sum, since_best_sum = float("inf"), 0
+    best = since_best = frozen = None
     iterator = tqdm(range(steps), desc=f"fit {name}", leave=False, disable=not settings.show_progress)
     step = 0
+    base_lrs = [group["lr"] for group in optimiser.param_groups]
     for step in iterator:
+        if lr_final != 1.0:  # cosine from the base learning rates down to lr_final times them
+            factor = lr_final + (1 - lr_final) * 0.5 * (1 + math.cos(math.pi * step / max(steps - 1, 1)))
+            for group, lr in zip(optimiser.param_groups, base_lrs):
+                group["lr"] = lr * factor
         optimiser.zero_grad(set_to_none=True)
-        loss = closure().sum()
+        losses = closure()
+        loss = losses.sum()
         loss.backward()
-        optimiser.step()
-        project()
-        value = float(loss.detach())
-        history[name].append(value)
-        if value < best * (1 - settings.early_stop_rel_tol):
-            best, since_best = value, 0
+        if per_face and frozen is not None and bool(frozen.any()):
+            saved = [t.detach().clone() for t in tensors]
+            optimiser.step()
+            with torch.no_grad():
+                for t, old in zip(tensors, saved):
+                    t.copy_(torch.where(frozen.view(-1, *([1] * (t.dim() - 1))), old, t))
         else:
-            since_best += 1
-            if since_best >= settings.early_stop_patience:
+            optimiser.step()
+        project()
+        history[name].append(float(loss.detach()))
+        if per_face:
+            values = losses.detach()
+            if best is None:
+                best, since_best = values.clone(), torch.zeros_like(values, dtype=torch.long)
+                frozen = torch.zeros_like(values, dtype=torch.bool)
+                continue
+            improved = values < best * (1 - settings.early_stop_rel_tol)
+            best = torch.where(improved, values, best)
+            since_best = torch.where(improved, torch.zeros_like(since_best), since_best + 1)
+            frozen |= since_best >= settings.early_stop_patience
+            if bool(frozen.all()):
                 break
+        else:
+            value = history[name][-1]
+            if value < best_sum * (1 - settings.early_stop_rel_tol):
+                best_sum, since_best_sum = value, 0
+            else:
+                since_best_sum += 1
+                if since_best_sum >= settings.early_stop_patience:
+                    break
     return step + 1
 
 
@@ -484,19 +674,27 @@ def _fit(
         {"params": [p.id], "lr": settings.lr_id},
         {"params": [p.exp], "lr": settings.lr_exp},
     ]
-    steps["landmark"] = _run_stage("landmark", shape_params, landmark_closure, p.project_clamp, settings.landmark_steps, settings, history)
+    steps["landmark"] = _run_stage(
+        "landmark", shape_params, landmark_closure, p.project_clamp, settings.landmark_steps, settings, history,
+        lr_final=settings.landmark_lr_final,
+    )
 
     photometric = settings.use_photometric and rasterizer is not None and settings.photometric_steps > 0
     if photometric:
         counter = {"step": 0}
 
         def full_closure() -> torch.Tensor:
-            screen, normals, _ = p.full_geometry()
-            if counter["step"] % max(settings.albedo_every, 1) == 0:
-                p.update_lighting_and_albedo(screen.detach(), normals.detach())
+            region = p.region_view
+            index = counter["step"]
             counter["step"] += 1
-            lmk_screen = screen[:, model.lmk68, :2]
-            photo = p.photometric_loss(screen, p.vertex_colours(normals))
+            update = index % max(settings.albedo_every, 1) == 0
+            screen, normals = p.region_geometry()
+            if update:
+                p.update_lighting_and_albedo(screen.detach(), normals.detach(), region)
+            colours = p.vertex_colours(normals, region)
+            lmk_screen = p.project(p.landmark_vertices())[0][..., :2]
+            refresh = index % max(settings.rasterize_every, 1) == 0
+            photo = p.photometric_loss(screen, colours, optimising=True, refresh=refresh)
             return settings.w_landmark * p.landmark_loss(lmk_screen) + settings.w_photometric * photo + p.regularisers()
 
         scale = settings.photometric_lr_scale
@@ -516,13 +714,14 @@ def _fit(
             "landmark_nme": landmark_nme(fitted, p.landmarks),
             "regulariser": p.regularisers(),
         }
+        fragments = p.rasterize_face(screen, (p.height, p.width)) if p.rasterizer is not None else None
         if photometric:
-            losses["photometric"] = p.photometric_loss(screen, p.vertex_colours(normals))
+            losses["photometric"] = p.photometric_loss(screen, p.vertex_colours(normals), fragments=fragments)
         total = settings.w_landmark * losses["landmark"] + losses["regulariser"]
         if photometric:
             total = total + settings.w_photometric * losses["photometric"]
         losses["total"] = total
-        overlay = render_overlay(model, p, screen, normals)
+        overlay = render_overlay(model, p, screen, normals, fragments=fragments)
     return FitResult(
         coefficients=p.coefficients().cpu(),
         landmarks68=fitted.cpu(),
@@ -585,21 +784,32 @@ def _wireframe(image: np.ndarray, points: np.ndarray, triangles: np.ndarray, vis
 
 
 @torch.no_grad()
-def render_overlay(model: FaceModel, problem: _Problem, screen: torch.Tensor, normals: torch.Tensor, alpha: float = 0.6) -> np.ndarray:
-    """(B, H, W, 3) uint8: the fitted face (grey albedo, fitted lighting) blended over the crop, with
-    fitted landmarks (green) and target landmarks (red). Falls back to a wireframe without a rasterizer."""
-    images = (problem.images.clamp(0, 1) * 255).round().byte().cpu().numpy()
-    out = images.copy()
+def render_overlay(
+    model: FaceModel,
+    problem: _Problem,
+    screen: torch.Tensor,
+    normals: torch.Tensor,
+    alpha: float = 0.6,
+    fragments: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+) -> np.ndarray:
+    """(B, H, W, 3) uint8: the fitted face region (grey albedo, fitted lighting) blended over the crop,
+    with fitted landmarks (green) and target landmarks (red). ``fragments``: the crop-size face-region
+    fragments of :meth:`_Problem.rasterize_face` when already computed. Falls back to a wireframe
+    without a rasterizer."""
+    images = (problem.images.clamp(0, 1) * 255).round().byte()
     if problem.rasterizer is not None:
-        grey = torch.full_like(normals, 0.7)
-        colours = shade_vertices(grey, normals, problem.gamma)
-        fragments = problem.rasterizer(screen, model.triangles, (problem.height, problem.width))
-        pixel_index, _, pixel_colour = covered_pixel_colours(fragments, model.triangles, colours)
-        pixel_colour = pixel_colour.clamp(0, 1)
-        flat = torch.as_tensor(out).reshape(-1, 3).float().to(pixel_colour.device)
+        if fragments is None:
+            fragments = problem.rasterize_face(screen, (problem.height, problem.width))
+        pixel_index, face_index, bary = fragments
+        batch_of = pixel_index // (problem.height * problem.width)
+        corners = problem.photo_triangles[face_index]
+        shading = irradiance(normals, problem.gamma)  # grey albedo 0.7 below
+        pixel_colour = (0.7 * (bary[..., None] * shading[batch_of[:, None], corners]).sum(1)).clamp(0, 1)
+        flat = images.reshape(-1, 3).float()
         flat[pixel_index] = (1 - alpha) * flat[pixel_index] + alpha * pixel_colour * 255
-        out = flat.round().clamp(0, 255).byte().cpu().numpy().reshape(out.shape)
+        out = flat.round().clamp(0, 255).byte().cpu().numpy().reshape(tuple(images.shape))
     else:
+        out = images.cpu().numpy()
         visible = (normals[..., 2] > 0).cpu().numpy() & model.face_mask.cpu().numpy()[None]
         tris = model.triangles.cpu().numpy()
         out = np.stack([_wireframe(out[b], screen[b, :, :2].cpu().numpy(), tris, visible[b]) for b in range(len(out))])
