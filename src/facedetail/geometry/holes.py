@@ -237,7 +237,7 @@ def _edge_start_uv(triangles: np.ndarray, tri_uv_idx: np.ndarray) -> dict[tuple[
 
 
 def _classify_holes(vertices: np.ndarray, holes: list[np.ndarray], lmk68: np.ndarray | None) -> list[str]:
-    """"eye" / "mouth" for the hole nearest each landmark group's centroid, "other" elsewhere."""
+    """Hole kinds: eye / mouth for the hole nearest each landmark group's centroid, other elsewhere."""
     kinds = ["other"] * len(holes)
     if lmk68 is None or not holes or len(lmk68) != 68:
         return kinds
