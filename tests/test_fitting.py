@@ -130,8 +130,11 @@ def test_photometric_fit_on_a_rendered_face(ict, tmp_path: Path) -> None:
     gamma = ict.layout.split(coeffs)["gamma"].clone()
     gamma[0, [2, 11, 20]] = 0.25
     colours = irradiance(normals, gamma) * torch.tensor([0.75, 0.55, 0.45])
-    fragments = rasterize(screen, ict.triangles, 224)
-    pixel_colour = (fragments.bary_packed[..., None] * colours[0, ict.triangles[fragments.face_index]]).sum(1)
+    # the target is rendered from the stored (open) mesh's triangles, without the eye/mouth fill: with the
+    # fill rendered the fitted z / ambient split drifts (z 0.04, albedo +30%; see the closed-faces report)
+    open_triangles = ict.triangles[: len(ict.triangles) - (0 if ict.hole_fill is None else len(ict.hole_fill.triangles))]
+    fragments = rasterize(screen, open_triangles, 224)
+    pixel_colour = (fragments.bary_packed[..., None] * colours[0, open_triangles[fragments.face_index]]).sum(1)
     image = torch.zeros(224 * 224, 3)
     image[fragments.pixel_index] = pixel_colour.clamp(0, 1)
     image = (image.reshape(1, 224, 224, 3) * 255).round().byte()

@@ -162,8 +162,10 @@ def ict_model():
     return load_face_model("ict", ICT_PATH)
 
 
-def test_ict_loads_with_expected_shapes(ict_model) -> None:
-    m = ict_model
+def test_ict_loads_with_expected_shapes() -> None:
+    if not ICT_PATH.is_file():
+        pytest.skip(f"ICT-FaceKit asset missing at {ICT_PATH}")
+    m = load_face_model("ict", ICT_PATH, close_holes=False)  # the mesh as stored (closed: test_face_model_holes.py)
     assert m.mean_shape.shape == (9409, 3) and m.mean_shape.dtype == torch.float32
     assert m.id_basis.shape == (100, 9409, 3) and m.id_basis.dtype == torch.float32
     assert m.exp_basis.shape == (53, 9409, 3)
@@ -190,7 +192,7 @@ def test_ict_shape_and_expression_offsets(ict_model) -> None:
     exp_c = torch.zeros(2, 53)
     exp_c[:, m.exp_names.index("jawOpen")] = 1.0
     shape = m.shape(id_c, exp_c)
-    assert shape.shape == (2, 9409, 3)
+    assert shape.shape == (2, m.n_vertices, 3) and m.n_open_vertices == 9409
     offsets = m.expression_offsets(exp_c)
     assert torch.allclose(shape[0] - m.mean_shape, offsets[0], atol=1e-5)
     assert torch.allclose(shape[1] - shape[0], m.id_basis[0], atol=1e-5)
@@ -205,7 +207,7 @@ def test_ict_neutral_projects_into_the_crop_symmetric(ict_model) -> None:
     b = m.layout.split(coeffs)
     screen, _, rot = transform_and_project(m.shape(b["id"], b["exp"]), b["angles"], b["trans"], m.camera)
     lmk = screen[0, m.lmk68]
-    assert screen.shape == (1, 9409, 3)
+    assert screen.shape == (1, m.n_vertices, 3)
     assert lmk[36, 0] < 112 < lmk[45, 0]  # subject's right eye on the image left
     assert lmk[36, 0] + lmk[45, 0] == pytest.approx(224.0, abs=0.5)
     assert lmk[8, 1] > lmk[30, 1] > lmk[27, 1]  # chin below nose below the nose bridge (rows down)

@@ -56,6 +56,7 @@ class FaceModelParams(Section):
     ict_path: str
     bfm_path: str
     bfm_uv_path: PathSetting = None
+    close_holes: bool = True
 
 
 class WeightsParams(Section):

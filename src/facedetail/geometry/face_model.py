@@ -8,6 +8,12 @@
 Units: ``FaceModel.mm_per_unit`` (ICT centimetres: 10, BFM decimetres: 100). Both models are
 recentred like Deng et al. (mean of the face-region vertices at the origin); the offset that was
 removed is kept in ``FaceModel.recenter_offset``.
+
+Closed surface: by default (``close_holes=True``, parameter ``face_model.close_holes``) the loaders
+fill every inner boundary loop of the mesh (ICT: both eyes and the mouth; see
+:mod:`facedetail.geometry.holes`) so renders, UV baking and exports see no holes. The fill's
+vertices come after the original ones (``FaceModel.n_open_vertices``), are linear in the bases
+(they follow identity and expression) and are outside ``face_mask`` / ``skin_mask``.
 """
 from __future__ import annotations
 
@@ -19,6 +25,7 @@ import numpy as np
 import torch
 
 from facedetail.geometry.camera import PerspectiveCamera
+from facedetail.geometry.holes import HoleFill, plan_hole_fill
 from facedetail.geometry.lighting import SH_COEFFS_PER_CHANNEL
 
 BLOCK_ORDER = ("id", "exp", "tex", "angles", "gamma", "trans")
@@ -121,6 +128,8 @@ class FaceModel(torch.nn.Module):
         exp_names: names of the expression blocks. exp_bounds: (lo, hi) or None (ICT: (0, 1)).
         mm_per_unit: ICT 10 (cm), BFM 100 (dm). camera: Deng's camera in these units.
         layout: the :class:`CoefficientLayout`. recenter_offset: (3,) removed mean, model units.
+        hole_fill: the :class:`~facedetail.geometry.holes.HoleFill` that closed the mesh (None: as
+            loaded); vertices ``n_open_vertices ..`` and the last triangles are the fill.
     """
 
     def __init__(
@@ -143,8 +152,10 @@ class FaceModel(torch.nn.Module):
         exp_bounds: tuple[float, float] | None = None,
         recenter: bool = True,
         source_path: str = "",
+        hole_fill: HoleFill | None = None,
     ) -> None:
         super().__init__()
+        self.hole_fill = hole_fill
         self.kind = kind
         self.exp_names = tuple(str(n) for n in exp_names)
         self.exp_bounds = exp_bounds
@@ -175,6 +186,11 @@ class FaceModel(torch.nn.Module):
     def n_vertices(self) -> int:
         """Number of vertices V."""
         return int(self.mean_shape.shape[0])
+
+    @property
+    def n_open_vertices(self) -> int:
+        """Vertex count of the mesh as loaded, before the hole fill (= ``n_vertices`` when none)."""
+        return self.n_vertices if self.hole_fill is None else int(self.hole_fill.n_vertices)
 
     @property
     def has_albedo(self) -> bool:
@@ -221,7 +237,12 @@ def _apply_basis(basis: torch.Tensor, coeffs: torch.Tensor, name: str) -> torch.
 
 
 def load_face_model(
-    kind: str, path: str | Path, *, uv_path: str | Path | None = None, device: str | torch.device = "cpu"
+    kind: str,
+    path: str | Path,
+    *,
+    uv_path: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    close_holes: bool = True,
 ) -> FaceModel:
     """Load a face model.
 
@@ -232,6 +253,8 @@ def load_face_model(
         uv_path: BFM only: optional ``.npz``/``.mat`` with ``uv`` (V, 2) (and optionally
             ``tri_uv_idx`` (F, 3)); without it a cylindrical projection is generated.
         device: where to put the tensors.
+        close_holes: fill the mesh's inner boundary loops (eyes, mouth; see
+            :func:`close_face_model_holes`); False keeps the mesh as stored.
 
     Raises:
         FileNotFoundError: the file does not exist (message names the path and the setting).
@@ -239,21 +262,28 @@ def load_face_model(
     """
     kind = str(kind).lower()
     if kind == "ict":
-        model = load_ict_model(path)
+        model = load_ict_model(path, close_holes=close_holes)
     elif kind == "bfm":
-        model = load_bfm_model(path, uv_path=uv_path)
+        model = load_bfm_model(path, uv_path=uv_path, close_holes=close_holes)
     else:
         raise ValueError(f"unknown face model kind '{kind}'; expected 'ict' or 'bfm'")
     return model.to(device)
 
 
 def load_face_model_from_params(face_model_params: Mapping[str, Any], device: str | torch.device = "cpu") -> FaceModel:
-    """Load from the ``face_model`` block of ``conf/base/parameters.yml`` (kind, ict_path, bfm_path)."""
+    """Load from the ``face_model`` block of ``conf/base/parameters.yml`` (kind, ict_path, bfm_path,
+    bfm_uv_path, close_holes: default True)."""
     kind = str(face_model_params.get("kind", "ict")).lower()
     key = f"{kind}_path"
     if key not in face_model_params:
         raise KeyError(f"face_model parameters need '{key}' for kind '{kind}'")
-    return load_face_model(kind, face_model_params[key], uv_path=face_model_params.get("bfm_uv_path") or None, device=device)
+    return load_face_model(
+        kind,
+        face_model_params[key],
+        uv_path=face_model_params.get("bfm_uv_path") or None,
+        device=device,
+        close_holes=bool(face_model_params.get("close_holes", True)),
+    )
 
 
 def _require_file(path: str | Path, what: str, expected: Mapping[str, str]) -> Path:
@@ -277,7 +307,7 @@ def _check_indices(array: np.ndarray, upper: int, name: str, path: Path, what: s
         raise _malformed(path, what, f"'{name}' has indices outside [0, {upper})", expected)
 
 
-def load_ict_model(path: str | Path) -> FaceModel:
+def load_ict_model(path: str | Path, close_holes: bool = True) -> FaceModel:
     """Load the ICT-FaceKit npz (see ``../shared/assets/README.md``); f16 bases become f32.
 
     Identity weights are ~N(0, 1); expression weights live in [0, 1] (``exp_bounds``). The face
@@ -315,7 +345,8 @@ def load_ict_model(path: str | Path) -> FaceModel:
     _check_indices(lmk68, n_vertices, "lmk68", path, what, ICT_KEYS)
     _check_indices(tri_uv_idx, uv.shape[0], "tri_uv_idx", path, what, ICT_KEYS)
     face_mask = landmark_outline_mask(neutral, lmk68, tris)
-    return FaceModel(
+    return _face_model(
+        close_holes,
         kind="ict",
         mean_shape=neutral.astype(np.float32),
         id_basis=arrays["id_basis"].astype(np.float32),
@@ -330,6 +361,42 @@ def load_ict_model(path: str | Path) -> FaceModel:
         mm_per_unit=10.0,
         source_path=str(path),
     )
+
+
+def close_face_model_holes(fields: dict[str, Any], **fill_options: Any) -> dict[str, Any]:
+    """:class:`FaceModel` keyword arguments with the mesh's inner holes filled.
+
+    Appends the fill's vertices to ``mean_shape`` (with the eye bulge / mouth recess), to the
+    identity / expression (/ albedo) bases (same affine combinations, no offset: the fill follows
+    shape and expression), its triangles to ``triangles`` and its UVs to ``uv`` / ``tri_uv_idx``.
+    The new vertices are outside ``face_mask`` and ``skin_mask``; BFM's per-vertex albedo mean is
+    extended like the shape. A mesh without inner holes comes back unchanged (``hole_fill`` with
+    no new vertices). ``fill_options`` go to :func:`~facedetail.geometry.holes.plan_hole_fill`.
+    """
+    mean_shape = np.asarray(fields["mean_shape"], np.float32)
+    fill = plan_hole_fill(mean_shape, fields["triangles"], fields["uv"], fields["tri_uv_idx"], fields["lmk68"], **fill_options)
+    out = dict(fields, hole_fill=fill)
+    if not fill.n_new:
+        return out
+    out["mean_shape"] = fill.extend(mean_shape, with_offsets=True)
+    for key in ("id_basis", "exp_basis", "albedo_mean", "albedo_basis"):
+        if fields.get(key) is not None:
+            out[key] = fill.extend(np.asarray(fields[key], np.float32))
+    pad = np.zeros(fill.n_new, bool)
+    out["face_mask"] = np.concatenate([np.asarray(fields["face_mask"], bool), pad])
+    if fields.get("skin_mask") is not None:
+        out["skin_mask"] = np.concatenate([np.asarray(fields["skin_mask"], bool), pad])
+    else:
+        out["skin_mask"] = out["face_mask"]
+    out["triangles"] = np.concatenate([np.asarray(fields["triangles"], np.int64), fill.triangles])
+    out["uv"] = np.concatenate([np.asarray(fields["uv"], np.float32), fill.uv.astype(np.float32)])
+    out["tri_uv_idx"] = np.concatenate([np.asarray(fields["tri_uv_idx"], np.int64), fill.tri_uv_idx])
+    return out
+
+
+def _face_model(close_holes: bool, **fields: Any) -> FaceModel:
+    """Build a :class:`FaceModel`, closing the mesh's inner holes first when ``close_holes``."""
+    return FaceModel(**(close_face_model_holes(fields) if close_holes else fields))
 
 
 def landmark_outline_mask(
@@ -388,7 +455,7 @@ def _mat_array(mat: Mapping[str, Any], key: str) -> np.ndarray:
     return np.asarray(mat[key])
 
 
-def load_bfm_model(path: str | Path, uv_path: str | Path | None = None) -> FaceModel:
+def load_bfm_model(path: str | Path, uv_path: str | Path | None = None, close_holes: bool = True) -> FaceModel:
     """Load Deng et al.'s ``BFM_model_front.mat`` (decimetres; 1-based ``tri``/``keypoints``/masks).
 
     ``meantex``/``texBase`` are on a 0..255 scale and are divided by 255. The face mask comes from
@@ -448,7 +515,8 @@ def load_bfm_model(path: str | Path, uv_path: str | Path | None = None) -> FaceM
         uv, tri_uv_idx = load_uv_file(uv_path, n_vertices, tri)
     else:
         uv, tri_uv_idx = cylindrical_uv(mean_shape), tri.copy()
-    return FaceModel(
+    return _face_model(
+        close_holes,
         kind="bfm",
         mean_shape=mean_shape,
         id_basis=id_basis,
