@@ -18,7 +18,7 @@ from facedetail.geometry.face_model import (
 from facedetail.geometry.face_uv import fitted_screen_vertices
 from facedetail.geometry.holes import boundary_edges, boundary_loops, fill_uv_fold_count, plan_hole_fill
 from facedetail.io.export import write_obj_with_uv
-from facedetail.render.renderer import render_mesh
+from facedetail.render.rasterizer import rasterize
 
 ICT_PATH = Path(__file__).resolve().parents[1] / "../shared/assets/ict_facekit/ict_face_only_9409.npz"
 needs_ict = pytest.mark.skipif(not ICT_PATH.is_file(), reason=f"ICT-FaceKit asset missing at {ICT_PATH}")
@@ -163,7 +163,7 @@ def _coverage(model, expression: str | None = None) -> np.ndarray:
     if expression:
         coeffs[0, model.layout.slices["exp"].start + model.exp_names.index(expression)] = 1.0
     screen = fitted_screen_vertices(model, coeffs, 224)
-    return render_mesh(screen, model.triangles, 224, backend="fast").mask[0, 0].numpy() > 0.5
+    return (rasterize(screen, model.triangles, 224, backend="fast").pix_to_face[0] >= 0).numpy()
 
 
 @needs_ict
