@@ -39,7 +39,7 @@ UV, STEPS, GLOBAL_BATCH = 32, 3, 4
 
 
 def _config(folder: Path) -> dict:
-    from test_training import tiny_config
+    from tests.test_training import tiny_config
 
     config = tiny_config(folder, steps=STEPS, batch_size=GLOBAL_BATCH, checkpoint_every=2, keep_checkpoints=5, seed=0)
     config["checkpoint_dir"] = str(folder / "ckpt")
@@ -109,7 +109,7 @@ def _spawn(folder: Path, out: Path, kill_at: int | None = None) -> None:
 def shard_folder(tmp_path_factory):
     import pickle
 
-    from test_training import synthetic_faces
+    from tests.test_training import synthetic_faces
 
     folder = tmp_path_factory.mktemp("ddp_shards")
     faces = synthetic_faces(load_face_model("ict", ICT), n=10, seed=3)

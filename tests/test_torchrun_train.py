@@ -44,7 +44,7 @@ def test_torchrun_two_gloo_ranks_train_save_log_and_register(tmp_path):
     from facedetail.data.streaming import write_stage_shards
     from facedetail.datasets import ShardedFaceDataset
     from facedetail.geometry.face_model import load_face_model
-    from test_training import synthetic_faces
+    from tests.test_training import synthetic_faces
 
     project = tmp_path / "project"
     (project / "src").mkdir(parents=True)
