@@ -150,6 +150,7 @@ def report(name: str, faces: int, seconds: float, durations: list[float], cpu: f
 def main() -> None:
     """Parse arguments, run the benchmark, print timings."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", help="cpu | cuda | auto (default cpu)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a shared 2-core box)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of the fast stages (median; >= 3)")
     parser.add_argument("--max-faces", type=int, default=64, help="aligned crops used (first faces of the folder)")
@@ -160,7 +161,9 @@ def main() -> None:
     if args.repeats < 3:
         parser.error("--repeats must be >= 3")
     torch.set_num_threads(args.threads)
-    device = torch.device("cpu")
+    from facedetail.utils import resolve_device
+
+    device = resolve_device(args.device)
     folder = args.folder or (DEFAULT_FOLDER if DEFAULT_FOLDER.is_dir() else SAMPLE_FOLDER)
     params = load_estimation_params(PARAMETERS_PATH)
     batch_size = int(params.get("batch_size", 8))
@@ -174,7 +177,7 @@ def main() -> None:
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     n_faces = len(crops)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"folder={folder} photos={n_photos} faces={n_faces} device=cpu threads={torch.get_num_threads()} "
+    print(f"folder={folder} photos={n_photos} faces={n_faces} device={device} threads={torch.get_num_threads()} "
           f"load_average_1min={load:.1f} OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')} batch_size={batch_size}")
     report("detect+align", n_faces, seconds, [seconds], cpu)
     stage_seconds["detect+align"] = seconds / n_faces
