@@ -34,7 +34,7 @@ FACEDETAIL_DEVICE=cuda $PY benchmarks/scale.py --sizes 250 1000 --train-steps 20
 if [ "$GPUS" -ge 2 ]; then
   step "2-GPU DDP (NCCL) with torchrun on the scale run's shards"
   (cd "$OUT/scale/project_1000" && FACEDETAIL_RAW_FACES="$OLDPWD/$OUT/scale/photos/n1000" \
-     torchrun --nproc_per_node=2 -m facedetail.training.torchrun_train -- --conf-source "$OLDPWD/conf" --params train.steps=200) \
+     torchrun --nproc_per_node=2 -m facedetail.pipelines.train.torchrun -- --conf-source "$OLDPWD/conf" --params train.steps=200) \
      2>&1 | tee "$OUT/ddp.log"
 else
   echo "one GPU: the 2-GPU DDP check is skipped"

@@ -1,4 +1,4 @@
-"""``torchrun --nproc_per_node=2 -m facedetail.training.torchrun_train`` (gloo, CPU) in a Kedro project:
+"""``torchrun --nproc_per_node=2 -m facedetail.pipelines.train.torchrun`` (gloo, CPU) in a Kedro project:
 both ranks load the four shard datasets from the catalog, rank 0 alone saves the model through the
 catalog, logs its own MLflow run and registers the model."""
 from __future__ import annotations
@@ -67,7 +67,7 @@ def test_torchrun_two_gloo_ranks_train_save_log_and_register(tmp_path):
     env.pop("MLFLOW_REGISTRY_URI", None)  # earlier in-process tests may have set it (mlflow.set_registry_uri)
     tic = time.perf_counter()
     done = subprocess.run(
-        [str(TORCHRUN), "--standalone", "--nproc_per_node=2", "-m", "facedetail.training.torchrun_train", "--", "--params", params],
+        [str(TORCHRUN), "--standalone", "--nproc_per_node=2", "-m", "facedetail.pipelines.train.torchrun", "--", "--params", params],
         cwd=project, env=env, capture_output=True, text=True, timeout=300,
     )
     elapsed = time.perf_counter() - tic

@@ -21,7 +21,7 @@ from facedetail.geometry.face_model import FaceModel  # noqa: E402
 from facedetail.losses.photometric import masked_photometric_loss  # noqa: E402
 from facedetail.models.detail_model import DetailGenerator  # noqa: E402
 from facedetail.render.detail import DetailRenderer  # noqa: E402
-from facedetail.training.loop import FaceTensors  # noqa: E402
+from facedetail.data.faces import FaceTensors  # noqa: E402
 
 METRICS = ("photometric_l1", "facenet_cosine")
 

@@ -9,13 +9,10 @@ import numpy as np
 import pandas as pd
 
 from facedetail.data.shards import FaceShards
+from facedetail.training.distributed import single_process
 from facedetail.engine.checkpoint import make_detail_checkpoint
-from facedetail.data.streaming import FaceShardStream, ShardBatches, split_faces, trainable_faces
-from facedetail.geometry.face_model import load_face_model_from_params
-from facedetail.models.facenet import load_face_embedder
-from facedetail.training.distributed import DistContext, single_process
-from facedetail.training.loop import DetailTrainer, TrainingError
-from facedetail.utils import resolve_device, seed_everything
+from facedetail.training.run import run_training, uv_size_of
+from facedetail.utils import resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -34,67 +31,15 @@ def _mlflow_logging_callbacks():
     return log_metrics, log_images
 
 
-def streaming_batches(
-    stages: tuple[FaceShards, FaceShards, FaceShards, FaceShards], face_ids: list[str], train_params: dict[str, Any], seed: int,
-    ctx: DistContext, infinite: bool,
-) -> ShardBatches:
-    """This rank's batch source over the four stage shards (``train.streaming`` settings, with defaults).
-
-    ``train.streaming``: ``shuffle_buffer`` (faces, default 256), ``num_workers`` (DataLoader
-    workers per rank, default 0), ``prefetch_factor`` (default 2), ``split`` (auto|sample|shard),
-    ``min_shards_per_consumer`` (default 2).
-    """
-    settings = dict(train_params.get("streaming") or {})
-    stream = FaceShardStream.from_stages(
-        *stages, face_ids=face_ids, batch_size=int(train_params["batch_size"]) // ctx.world_size, seed=int(seed),
-        shuffle_buffer=int(settings.get("shuffle_buffer", 256)) if infinite else 0, infinite=infinite, rank=ctx.rank,
-        world_size=ctx.world_size, split=str(settings.get("split", "auto")), min_shards_per_consumer=int(settings.get("min_shards_per_consumer", 2)),
-    )
-    return ShardBatches(stream, int(settings.get("num_workers", 0)), int(settings.get("prefetch_factor", 2)))
+def _mlflow_set_tags(tags: dict[str, str]) -> None:
+    if mlflow.active_run() is not None:
+        mlflow.set_tags(tags)
 
 
-def uv_size_of(uv_maps: FaceShards) -> int:
-    """The UV map side, from the stage meta or else from the first successful face."""
-    if uv_maps.meta.get("uv_size"):
-        return int(uv_maps.meta["uv_size"])
-    for record in uv_maps.iter_faces():
-        if record.get("status", "ok") == "ok":
-            return int(record["expression_map"].shape[-1])
-    raise TrainingError("uv_maps holds no successful face")
-
-
-def run_training(
-    aligned_faces: FaceShards, face_masks: FaceShards, face_coefficients: FaceShards, uv_maps: FaceShards,
-    train_params: dict[str, Any], face_model_params: dict[str, Any], weights_params: dict[str, Any], seed: int,
-    ctx: DistContext, log_metrics=None, log_images=None,
-) -> tuple[dict[str, Any], pd.DataFrame, dict[str, Any], Any]:
-    """Train on the streamed shards in this process (one rank of ``ctx``; a single process when ``world_size == 1``).
-
-    Returns ``(detail_model, training_history, split, result)`` (see :func:`train_detail_generator`).
-    """
-    seed_everything(int(seed))
-    stages = (aligned_faces, face_masks, face_coefficients, uv_maps)
-    table = trainable_faces(*stages)
-    train_ids, val_ids = split_faces(table, float(train_params["validation_fraction"]), int(train_params.get("split_seed", seed)))
-    if not train_ids:
-        raise TrainingError("no faces to train on: data_prep/estimation produced no usable face (see face_manifest)")
-    face_model = load_face_model_from_params(face_model_params, ctx.device)
-    embedder = None
-    if float(train_params["loss_weights"].get("perceptual", 0.0)) > 0:
-        embedder, source = load_face_embedder(weights_params.get("facenet") or None, weights_params["facenet_cache"], ctx.device)
-        if ctx.is_main and mlflow.active_run() is not None:
-            mlflow.set_tag("facenet_weights", source)
-    uv_size = uv_size_of(uv_maps)
-    trainer = DetailTrainer(
-        face_model, embedder, {**train_params, "seed": seed}, uv_size, ctx.device,
-        log_metrics=log_metrics, log_images=log_images, backend=train_params.get("backend", "auto"), distributed=ctx,
-    )
-    train = streaming_batches(stages, train_ids, train_params, seed, ctx, infinite=True)
-    validation = streaming_batches(stages, val_ids, train_params, seed, ctx, infinite=False) if val_ids else None
-    result = trainer.fit(train, validation)
-    checkpoint = make_detail_checkpoint(result.generator, uv_size, face_model.kind, result.final_step,
-                                        float(train_params.get("albedo_blur_sigma", 2.0)))
-    return checkpoint, pd.DataFrame(result.history), {"train": train_ids, "validation": val_ids}, result
+def detail_model_of(result: Any, uv_maps: FaceShards, face_model_params: dict[str, Any], train_params: dict[str, Any]) -> dict[str, Any]:
+    """The ``detail_model`` checkpoint (:func:`facedetail.engine.checkpoint.make_detail_checkpoint`) of a training result."""
+    return make_detail_checkpoint(result.generator, uv_size_of(uv_maps), str(face_model_params.get("kind", "ict")).lower(),
+                                  result.final_step, float(train_params.get("albedo_blur_sigma", 2.0)))
 
 
 def train_detail_generator(
@@ -112,7 +57,7 @@ def train_detail_generator(
 
     The split is by content hash (``validation_fraction``) over the faces trainable in all four
     stages; the validation split is evaluated at the end. Multi-process training: see
-    ``facedetail.training.torchrun_train``.
+    ``facedetail.pipelines.train.torchrun``.
 
     Returns:
         ``(detail_model, training_history, split)``: the final checkpoint (generator weights, model
@@ -120,10 +65,11 @@ def train_detail_generator(
         face ids.
     """
     log_metrics, log_images = _mlflow_logging_callbacks()
-    checkpoint, history, split, result = run_training(
+    history, split, result = run_training(
         aligned_faces, face_masks, face_coefficients, uv_maps, train_params, face_model_params, weights_params, seed,
-        single_process(resolve_device(device)), log_metrics, log_images,
+        single_process(resolve_device(device)), log_metrics, log_images, _mlflow_set_tags,
     )
+    checkpoint = detail_model_of(result, uv_maps, face_model_params, train_params)
     if mlflow.active_run() is not None and train_params.get("log_checkpoint_artifact", True) and result.checkpoint is not None:
         # the full training state (G, D, optimisers, RNG) of the final step, to resume or fine-tune elsewhere
         mlflow.log_artifact(str(result.checkpoint), artifact_path="train/checkpoint")

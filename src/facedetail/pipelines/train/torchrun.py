@@ -1,9 +1,9 @@
 """Multi-process (DDP) detail training, launched with ``torchrun`` from the Kedro project folder.
 
-    torchrun --nproc_per_node=2 -m facedetail.training.torchrun_train -- --env gpu
-    torchrun --nproc_per_node=4 -m facedetail.training.torchrun_train -- --params train.steps=2000,train.batch_size=64
+    torchrun --nproc_per_node=2 -m facedetail.pipelines.train.torchrun -- --env gpu
+    torchrun --nproc_per_node=4 -m facedetail.pipelines.train.torchrun -- --params train.steps=2000,train.batch_size=64
     # on the CPU (gloo), e.g. to check a set-up:
-    FACEDETAIL_DEVICE=cpu torchrun --nproc_per_node=2 -m facedetail.training.torchrun_train
+    FACEDETAIL_DEVICE=cpu torchrun --nproc_per_node=2 -m facedetail.pipelines.train.torchrun
 
 Every rank bootstraps the Kedro project in the working directory (or ``--project-path``), loads
 the parameters and the latest versions of the four shard datasets (``aligned_faces``,
@@ -51,7 +51,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     argv = list(argv)
     if argv[:1] == ["--"]:  # torchrun ... -m module -- --env gpu
         argv = argv[1:]
-    parser = argparse.ArgumentParser(prog="python -m facedetail.training.torchrun_train", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m facedetail.pipelines.train.torchrun", description=__doc__.split("\n\n")[0])
     parser.add_argument("--env", default=None, help="Kedro configuration environment (e.g. gpu)")
     parser.add_argument("--conf-source", default=None, help="configuration folder (default: the project's conf/)")
     parser.add_argument("--params", default=None, help="runtime parameters, kedro syntax: train.steps=10,train.batch_size=8")
@@ -70,7 +70,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from kedro.framework.session import KedroSession
     from kedro.framework.startup import bootstrap_project
 
-    from facedetail.pipelines.train.nodes import _mlflow_logging_callbacks, register_model, run_training
+    from facedetail.pipelines.train.nodes import _mlflow_logging_callbacks, _mlflow_set_tags, detail_model_of, register_model
+    from facedetail.training.run import run_training
     from facedetail.training.distributed import barrier, cleanup, init_distributed
     from facedetail.utils import resolve_device
 
@@ -103,10 +104,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                     mlflow.set_tags({"launcher": "torchrun", "world_size": str(ctx.world_size), "backend": str(ctx.backend)})
                     mlflow.log_params({f"train.{k}": str(v)[:500] for k, v in train_params.items()})
                 log_metrics, log_images = _mlflow_logging_callbacks() if ctx.is_main else (None, None)
-                detail_model, history, split, result = run_training(
+                history, split, result = run_training(
                     *stages, train_params, params["face_model"], params.get("weights", {}), int(params.get("seed", 0)), ctx,
-                    log_metrics, log_images,
+                    log_metrics, log_images, _mlflow_set_tags if ctx.is_main else None,
                 )
+                detail_model = detail_model_of(result, stages[3], params["face_model"], train_params)
                 if ctx.is_main:
                     catalog.save("detail_model", detail_model)
                     catalog.save("training_history", history)
