@@ -226,10 +226,14 @@ def test_fit_without_any_face_gives_exit_1(tmp_path, capsys):
 def test_reconstruct_writes_the_exports(tmp_path, checkpoint, capsys, fast):
     folder = photo_folder(tmp_path / "in", OBAMA)
     out = tmp_path / "out"
-    assert main(["reconstruct", str(folder), str(out), "--checkpoint", str(checkpoint), "--export-size", "128", *fast]) == 0
+    assert main(["reconstruct", str(folder), str(out), "--checkpoint", str(checkpoint), "--export-size", "128",
+                 "--units", "m", *fast]) == 0
     for suffix in ("_coarse.obj", "_coarse.mtl", "_texture.png", "_detail.obj", "_displacement.png",
-                   "_displacement.png.json", "_normals.png", "_coefficients.npz", "_strip.png", ".json"):
+                   "_displacement.png.json", "_normal_object.png", "_normal_tangent_opengl.png", "_coarse.glb",
+                   "_coefficients.npz", "_strip.png", ".json"):
         assert (out / f"obama__f0{suffix}").is_file(), suffix
+    assert (out / "obama__f0_coarse.obj").read_text().splitlines()[1] == "# units: m"
+    assert f"checkpoint {checkpoint}" in capsys.readouterr().out  # says which model it used
     report = pd.read_csv(out / "reconstruct_report.csv")
     assert report["status"].tolist() == ["ok"] and report["detail_obj"].tolist() == ["obama__f0_detail.obj"]
 
