@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import os
 
-from kedro.config import OmegaConfigLoader
+from omegaconf import OmegaConf
+
+from facedetail.config_loader import ProjectConfigLoader
 
 # Never let kedro-telemetry try the network (the project also ships `.telemetry` with consent: false).
 os.environ.setdefault("DO_NOT_TRACK", "1")
@@ -15,7 +17,11 @@ def _env(name: str, default: str | None = None) -> str | None:
     return os.environ.get(name, default)
 
 
-CONFIG_LOADER_CLASS = OmegaConfigLoader
+# Registered here with the non-deprecated API; Kedro then skips its deprecated register_new_resolver call for it.
+if not OmegaConf.has_resolver("env"):
+    OmegaConf.register_resolver("env", _env)
+
+CONFIG_LOADER_CLASS = ProjectConfigLoader
 CONFIG_LOADER_ARGS = {
     "base_env": "base",
     "default_run_env": "local",
