@@ -20,6 +20,13 @@ def _env(name: str, default: str | None = None) -> str | None:
 # Registered here with the non-deprecated API; Kedro then skips its deprecated register_new_resolver call for it.
 if not OmegaConf.has_resolver("env"):
     OmegaConf.register_resolver("env", _env)
+try:  # kedro-mlflow's hook registers this one with the deprecated API unless it already exists
+    from kedro_mlflow.config.resolvers import resolve_random_name
+
+    if not OmegaConf.has_resolver("km.random_name"):
+        OmegaConf.register_resolver("km.random_name", resolve_random_name, use_cache=True)
+except ImportError:  # pragma: no cover - kedro-mlflow is a dependency
+    pass
 
 CONFIG_LOADER_CLASS = ProjectConfigLoader
 CONFIG_LOADER_ARGS = {
