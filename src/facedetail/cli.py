@@ -265,7 +265,6 @@ def _setup(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any], Pa
     params, mlflow_config, root = load_project_config(args.conf_source, args.env)
     if args.device:
         params["device"] = args.device
-    _check_device(str(params.get("device", "auto")))
     if getattr(args, "units", None):
         params["inference"] = {**(params.get("inference") or {}), "export_units": args.units}
     if getattr(args, "no_cache", False):
@@ -275,6 +274,7 @@ def _setup(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any], Pa
             raise CliError(f"--export-size must be >= 8 texels, got {args.export_size}")
         params["inference"] = {**(params.get("inference") or {}), "export_size": int(args.export_size)}
     _validate(params)
+    _check_device(str(params.get("device", "auto")))  # after the schema: a malformed name gets the schema's message
     return params, mlflow_config, root
 
 
