@@ -101,7 +101,46 @@ def test_bad_conf_source_and_env(tmp_path, capsys):
     assert main(["fit", str(tmp_path), str(tmp_path / "out"), "--conf-source", str(tmp_path)]) == 2
     assert "no 'base' folder" in capsys.readouterr().err
     assert main(["fit", str(tmp_path), str(tmp_path / "out"), "--conf-source", CONF, "--env", "nope"]) == 2
-    assert "--env nope" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert "--env nope" in error and "unknown Kedro environment 'nope'" in error and "base, gpu" in error
+    assert len(error.strip().splitlines()) == 1
+
+
+def test_version(capsys):
+    from facedetail import __version__
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"facedetail {__version__}"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_without_cuda_is_one_line_with_status_2(tmp_path, capsys):
+    photo_folder(tmp_path / "in", OBAMA)
+    assert main(["fit", str(tmp_path / "in"), str(tmp_path / "out"), "--conf-source", CONF, "--device", "cuda"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.strip().splitlines() == [
+        "facedetail fit: error: --device cuda: device 'cuda' was requested but CUDA is not available on this "
+        "machine; use 'auto' or 'cpu'"]
+    assert "Traceback" not in captured.err and not (tmp_path / "out").exists()
+
+
+def test_outside_a_project_uses_packaged_defaults_and_the_xdg_cache(tmp_path, capsys, monkeypatch):
+    from facedetail.cli import find_project_root, load_project_config, packaged_conf_source
+
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    monkeypatch.chdir(outside)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert find_project_root() is None  # never the checkout the package is installed from
+    params, _, root = load_project_config()
+    assert root == tmp_path / "xdg" / "facedetail" and root.is_dir()
+    assert params["estimation"]["cache_dir"] == str(root / "data/04_feature/estimation_cache")
+    assert (packaged_conf_source() / "base" / "parameters.yml").is_file()
+    photo_folder(tmp_path / "in", OBAMA)
+    assert main(["reconstruct", str(tmp_path / "in"), str(tmp_path / "out"), "--device", "cpu"]) == 2
+    error = capsys.readouterr().err
+    assert "no Kedro project here" in error and str(root / "data/06_models/detail_generator.pt") in error
 
 
 def test_model_and_checkpoint_are_exclusive(tmp_path):
@@ -226,10 +265,14 @@ def test_fit_without_any_face_gives_exit_1(tmp_path, capsys):
 def test_reconstruct_writes_the_exports(tmp_path, checkpoint, capsys, fast):
     folder = photo_folder(tmp_path / "in", OBAMA)
     out = tmp_path / "out"
-    assert main(["reconstruct", str(folder), str(out), "--checkpoint", str(checkpoint), "--export-size", "128", *fast]) == 0
+    assert main(["reconstruct", str(folder), str(out), "--checkpoint", str(checkpoint), "--export-size", "128",
+                 "--units", "m", *fast]) == 0
     for suffix in ("_coarse.obj", "_coarse.mtl", "_texture.png", "_detail.obj", "_displacement.png",
-                   "_displacement.png.json", "_normals.png", "_coefficients.npz", "_strip.png", ".json"):
+                   "_displacement.png.json", "_normal_object.png", "_normal_tangent_opengl.png", "_coarse.glb",
+                   "_coefficients.npz", "_strip.png", ".json"):
         assert (out / f"obama__f0{suffix}").is_file(), suffix
+    assert (out / "obama__f0_coarse.obj").read_text().splitlines()[1] == "# units: m"
+    assert f"checkpoint {checkpoint}" in capsys.readouterr().out  # says which model it used
     report = pd.read_csv(out / "reconstruct_report.csv")
     assert report["status"].tolist() == ["ok"] and report["detail_obj"].tolist() == ["obama__f0_detail.obj"]
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from facedetail.detect.align import original_to_aligned
 from facedetail.io.export import read_displacement_png16
@@ -170,7 +171,8 @@ def test_export_writes_every_file(exported, obama, reconstructor):
         "coarse_obj": "obama__f0_coarse.obj", "coarse_mtl": "obama__f0_coarse.mtl", "texture": "obama__f0_texture.png",
         "detail_obj": "obama__f0_detail.obj", "detail_mtl": "obama__f0_detail.mtl",
         "displacement_png": "obama__f0_displacement.png", "displacement_json": "obama__f0_displacement.png.json",
-        "normals_png": "obama__f0_normals.png", "coefficients_npz": "obama__f0_coefficients.npz",
+        "normal_object_png": "obama__f0_normal_object.png", "normal_tangent_png": "obama__f0_normal_tangent_opengl.png",
+        "glb": "obama__f0_coarse.glb", "coefficients_npz": "obama__f0_coefficients.npz",
         "strip_png": "obama__f0_strip.png", "json": "obama__f0.json",
     }
     for key, name in expected.items():
@@ -189,7 +191,7 @@ def test_export_writes_every_file(exported, obama, reconstructor):
 
     strip = cv2.imread(exported["strip_png"])
     assert strip.shape[0] > 256 and strip.shape[1] > 4 * 256  # five labelled tiles side by side
-    normals = cv2.imread(exported["normals_png"])
+    normals = cv2.imread(exported["normal_object_png"])
     assert normals.shape == (EXPORT_SIZE, EXPORT_SIZE, 3)
 
 
@@ -361,3 +363,149 @@ def test_expression_sweep_frames(obama, expression_faces, reconstructor):
     assert np.abs(frames[0].astype(int) - frames[-1]).mean() > 1.0
     with pytest.raises(ValueError, match="n_frames"):
         expression_sweep(reconstructor, obama, expression_faces[0], n_frames=1)
+
+
+@needs_assets
+def test_glb_loads_in_trimesh_in_metres_with_texture_and_tangent_normal_map(exported, obama, reconstructor):
+    """The GLB: metres (ICT cm / 100), y up, UVs flipped to glTF's top-left origin, base colour + normal map, TANGENT."""
+    trimesh = pytest.importorskip("trimesh")
+    from facedetail.io.gltf import read_glb_json
+
+    fm = reconstructor.face_model
+    scene = trimesh.load(exported["glb"], process=False)
+    (mesh,) = scene.geometry.values()
+    coarse = trimesh.load(exported["coarse_obj"], process=False)  # split at UV seams like the GLB
+    assert mesh.vertices.shape == coarse.vertices.shape and mesh.faces.shape == (len(fm.triangles), 3)
+    extent_m = np.ptp(mesh.vertices, axis=0)
+    np.testing.assert_allclose(extent_m, np.ptp(obama.coarse_vertices, axis=0) / 100.0, rtol=1e-5)
+    assert 0.1 < extent_m[1] < 0.4  # a head is 10-40 cm tall, in metres
+    material = mesh.visual.material
+    assert mesh.visual.uv.shape == (len(mesh.vertices), 2)
+    assert material.baseColorTexture is not None and material.baseColorTexture.size == (EXPORT_SIZE, EXPORT_SIZE)
+    assert material.normalTexture is not None and material.normalTexture.size == (EXPORT_SIZE, EXPORT_SIZE)
+    document = read_glb_json(exported["glb"])
+    attributes = document["meshes"][0]["primitives"][0]["attributes"]
+    assert {"POSITION", "NORMAL", "TEXCOORD_0", "TANGENT"} <= set(attributes)
+    assert document["accessors"][attributes["TANGENT"]]["type"] == "VEC4"
+    assert document["asset"]["extras"]["units"] == "m"
+    # tangent-space map: mostly pointing out of the surface (blue), unlike the object-space map of a face seen from +z
+    tangent = np.asarray(material.normalTexture.convert("RGB"), np.float64) / 255.0 * 2 - 1
+    valid = obama.export_valid
+    assert np.median(tangent[valid][:, 2]) > 0.95
+    obj_space = np.asarray(Image.open(exported["normal_object_png"]).convert("RGB"), np.float64) / 255.0 * 2 - 1
+    assert np.mean(np.abs(obj_space[valid][:, 0]) > 0.5) > 0.1  # object space: side of the face points sideways
+
+
+@needs_assets
+def test_mtl_references_texture_normal_and_displacement_maps(exported):
+    mtl = Path(exported["coarse_mtl"]).read_text().splitlines()
+    entries = {line.split()[0]: line.split()[-1] for line in mtl if line and not line.startswith("#")}
+    assert entries["map_Kd"] == "obama__f0_texture.png"
+    assert entries["norm"] == entries["map_Bump"] == "obama__f0_normal_tangent_opengl.png"
+    assert entries["disp"] == "obama__f0_displacement.png"
+    for name in (entries["map_Kd"], entries["norm"], entries["disp"]):
+        assert (Path(exported["coarse_mtl"]).parent / name).is_file()
+
+
+@needs_assets
+def test_export_units_scale_obj_and_displacement(obama, reconstructor, exported, tmp_path):
+    in_m = export_face(obama, tmp_path, reconstructor.face_model, units="m")
+    header = Path(in_m["coarse_obj"]).read_text().splitlines()[:6]
+    assert header[1] == "# units: m" and header[4].startswith(f"# {reconstructor.face_model.n_vertices} vertices")
+    assert "import with scale 0.01" in Path(exported["coarse_obj"]).read_text().splitlines()[1]
+    trimesh = pytest.importorskip("trimesh")
+    cm = trimesh.load(exported["coarse_obj"], process=False, maintain_order=True).vertices
+    m = trimesh.load(in_m["coarse_obj"], process=False, maintain_order=True).vertices
+    np.testing.assert_allclose(m, cm / 100.0, atol=2e-6)
+    np.testing.assert_allclose(read_displacement_png16(in_m["displacement_png"]),
+                               read_displacement_png16(exported["displacement_png"]) / 100.0, atol=1e-7)
+    assert json.loads(Path(in_m["json"]).read_text())["units"] == "m"
+    with pytest.raises(ValueError, match="units must be one of"):
+        export_face(obama, tmp_path, reconstructor.face_model, units="inch")
+
+
+@needs_assets
+def test_control_characters_in_a_photo_name_cannot_inject_obj_lines(obama, reconstructor, tmp_path):
+    """A photo called 'my face\nmtllib evil.mtl\nv 0 0 0.jpg' gives safe names and no injected OBJ/MTL line."""
+    from dataclasses import replace
+
+    evil = replace(obama, face_id="my face\nmtllib evil.mtl\nv 0 0 0\r__f0")
+    written = export_face(evil, tmp_path, reconstructor.face_model)
+    for path in written.values():
+        name = Path(path).name
+        assert name.isprintable() and " " not in name and Path(path).parent == tmp_path
+    coarse = Path(written["coarse_obj"]).read_text().splitlines()
+    assert [line for line in coarse if line.startswith("mtllib")] == [f"mtllib {Path(written['coarse_mtl']).name}"]
+    n_v = sum(line.startswith("v ") for line in coarse)
+    assert n_v == reconstructor.face_model.n_vertices  # no injected vertex
+    assert {line.split()[0] for line in coarse if line} == {"#", "mtllib", "v", "vt", "vn", "usemtl", "f"}
+    assert all(line.startswith("#") for line in coarse[:6])  # the face id in the header comment stays one line
+    mtl = Path(written["coarse_mtl"]).read_text().splitlines()
+    assert sum(line.startswith("newmtl") for line in mtl) == 1 and not any(line.startswith("mtllib") for line in mtl)
+    assert json.loads(Path(written["json"]).read_text())["face_id"] == evil.face_id  # the JSON keeps the real id
+
+
+@needs_assets
+def test_pymeshlab_opens_the_obj_and_glb_with_uvs_and_textures(exported, reconstructor):
+    pymeshlab = pytest.importorskip("pymeshlab", reason="pymeshlab is in the dev extra: pip install -e '.[dev]'")
+    fm = reconstructor.face_model
+    meshset = pymeshlab.MeshSet()
+    meshset.load_new_mesh(exported["coarse_obj"])
+    mesh = meshset.current_mesh()
+    assert mesh.vertex_number() == fm.n_vertices and mesh.face_number() == len(fm.triangles)
+    assert mesh.has_wedge_tex_coord() and mesh.textures() and "obama__f0_texture.png" in str(mesh.textures())
+    meshset.load_new_mesh(exported["glb"])
+    glb = meshset.current_mesh()
+    assert glb.face_number() == len(fm.triangles) and (glb.has_vertex_tex_coord() or glb.has_wedge_tex_coord())
+    extent = glb.bounding_box().dim_y()
+    assert 0.1 < extent < 0.4  # metres
+
+
+BLENDER_CHECK = r"""
+import sys, json, bpy
+glb, obj, out = sys.argv[sys.argv.index("--") + 1:]
+bpy.ops.wm.read_factory_settings(use_empty=True)
+report = {}
+for key, path in (("glb", glb), ("obj", obj)):
+    before = set(bpy.data.objects)
+    if key == "glb":
+        bpy.ops.import_scene.gltf(filepath=path)
+    elif hasattr(bpy.ops.wm, "obj_import"):
+        bpy.ops.wm.obj_import(filepath=path)
+    else:
+        bpy.ops.import_scene.obj(filepath=path)
+    (ob,) = [o for o in bpy.data.objects if o not in before and o.type == "MESH"]
+    mesh = ob.data
+    nodes = [n for m in mesh.materials if m and m.use_nodes for n in m.node_tree.nodes]
+    report[key] = {
+        "vertices": len(mesh.vertices), "faces": len(mesh.polygons), "uv_layers": len(mesh.uv_layers),
+        "dimensions": list(ob.dimensions),
+        "images": sorted(n.image.name for n in nodes if n.type == "TEX_IMAGE" and n.image),
+        "normal_map_nodes": sum(n.type == "NORMAL_MAP" for n in nodes),
+    }
+json.dump(report, open(out, "w"))
+"""
+
+
+@needs_assets
+def test_blender_imports_the_glb_and_obj_with_uvs_and_maps(exported, reconstructor, tmp_path):
+    """Runs only where Debian's `blender` package (or any `blender` on PATH) is installed."""
+    import shutil
+    import subprocess
+
+    blender = shutil.which("blender")
+    if blender is None:
+        pytest.skip("Blender is not installed (`apt-get install blender`); the GLB/OBJ Blender import check needs it")
+    script = tmp_path / "check.py"
+    script.write_text(BLENDER_CHECK)
+    out = tmp_path / "report.json"
+    subprocess.run([blender, "-b", "--factory-startup", "--python", str(script), "--",
+                    exported["glb"], exported["coarse_obj"], str(out)], check=True, timeout=300, capture_output=True)
+    report = json.loads(out.read_text())
+    n_faces = len(reconstructor.face_model.triangles)
+    for key in ("glb", "obj"):
+        assert report[key]["faces"] == n_faces and report[key]["uv_layers"] >= 1, report
+        assert report[key]["normal_map_nodes"] >= 1, report  # the tangent normal map is wired as a Normal Map node
+        assert len(report[key]["images"]) >= 2, report  # base colour + normal map
+    assert 0.1 < report["glb"]["dimensions"][2] < 0.4  # Blender is Z up: the glTF +Y (metres) becomes Z
+    assert 10 < max(report["obj"]["dimensions"]) < 40  # OBJ in cm, imported unscaled

@@ -50,26 +50,49 @@ class CliError(Exception):
 
 
 def find_project_root(start: str | os.PathLike | None = None) -> Path | None:
-    """The nearest folder (``start`` or a parent; default the working directory) holding ``conf/base``;
-    else the source checkout this package is installed from; else None."""
+    """The nearest folder (``start`` or a parent; default the working directory) holding ``conf/base``; else None.
+
+    Never the checkout this package was installed from: outside a project the CLI uses
+    :func:`packaged_conf_source` and :func:`user_cache_dir` instead.
+    """
     here = Path(start or Path.cwd()).resolve()
     for folder in (here, *here.parents):
         if (folder / "conf" / "base").is_dir():
             return folder
-    checkout = Path(__file__).resolve().parents[2]
-    return checkout if (checkout / "conf" / "base").is_dir() else None
+    return None
 
 
-def _conf_source(conf_source: str | None) -> Path:
+def user_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/facedetail`` (default ``~/.cache/facedetail``): the CLI's root outside a Kedro project
+    (estimation cache, default checkpoint ``data/06_models/...``, ``mlruns.db``)."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base).expanduser() / "facedetail"
+
+
+def packaged_conf_source() -> Path:
+    """The ``conf/`` defaults shipped in the package (``facedetail/default_conf/base`` = the project's
+    ``conf/base``: a symlink in the source tree, copied into wheels)."""
+    return Path(__file__).resolve().parent / "default_conf"
+
+
+def _conf_source(conf_source: str | None) -> tuple[Path, Path]:
+    """``(conf folder, project root)``; outside a project the packaged defaults and the user cache dir."""
     if conf_source:
         path = Path(conf_source).expanduser().resolve()
         if not (path / "base").is_dir():
             raise CliError(f"--conf-source {conf_source}: no 'base' folder there (expected a Kedro conf/ folder with base/)")
-        return path
+        return path, path.parent
     root = find_project_root()
-    if root is None:
-        raise CliError("cannot find the project's conf/ folder (run inside the facedetail project or pass --conf-source PATH)")
-    return root / "conf"
+    if root is not None:
+        return root / "conf", root
+    packaged = packaged_conf_source()
+    if not (packaged / "base").is_dir():
+        raise CliError("no Kedro project here and no packaged defaults (reinstall facedetail or pass --conf-source PATH)")
+    cache = user_cache_dir()
+    cache.mkdir(parents=True, exist_ok=True)
+    print(f"facedetail: no Kedro project here; packaged default configuration, cache and outputs of relative "
+          f"paths in {cache}", file=sys.stderr)
+    return packaged, cache
 
 
 def _resolve_paths(params: dict[str, Any], project_root: Path) -> dict[str, Any]:
@@ -90,15 +113,18 @@ def load_project_config(conf_source: str | None = None, env: str | None = None) 
     Raises:
         CliError: no conf/ folder, an unknown environment or malformed YAML.
     """
-    from kedro.config import OmegaConfigLoader  # kedro only here: the reconstruction modules stay Kedro-free
-
+    # kedro only here: the reconstruction modules stay Kedro-free
+    from facedetail.config_loader import ProjectConfigLoader, UnknownEnvironmentError
     from facedetail.settings import CONFIG_LOADER_ARGS
 
-    source = _conf_source(conf_source)
-    if env and not (source / env).is_dir():
-        raise CliError(f"--env {env}: no folder {source / env} (environments are folders of {source})")
+    source, root = _conf_source(conf_source)
+    if env is None and not (source / str(CONFIG_LOADER_ARGS["default_run_env"])).is_dir():
+        env = str(CONFIG_LOADER_ARGS["base_env"])  # no conf/local (packaged defaults, fresh clone): base only
     try:
-        loader = OmegaConfigLoader(conf_source=str(source), env=env, **CONFIG_LOADER_ARGS)
+        loader = ProjectConfigLoader(conf_source=str(source), env=env, **CONFIG_LOADER_ARGS)
+    except UnknownEnvironmentError as error:
+        raise CliError(f"--env {env}: {error}") from error
+    try:
         parameters = dict(loader["parameters"])
         try:
             mlflow_config = dict(loader["mlflow"])
@@ -108,7 +134,6 @@ def load_project_config(conf_source: str | None = None, env: str | None = None) 
         raise
     except Exception as error:  # noqa: BLE001 - YAML/interpolation errors
         raise CliError(f"cannot load the configuration from {source}: {type(error).__name__}: {error}") from error
-    root = source.parent
     return _resolve_paths(parameters, root), mlflow_config, root
 
 
@@ -162,6 +187,26 @@ def resolve_checkpoint(model_uri_or_path: str | None, project_root: str | os.Pat
     except CheckpointError as error:
         hint = "" if model_uri_or_path else " (no trained model yet: run `kedro run --pipelines=train`, or pass --checkpoint/--model)"
         raise CliError(f"{error}{hint}") from error
+
+
+def describe_model(model_uri: str | None, tracking_uri: str | None) -> str:
+    """``"<uri> (version N, registry <tracking uri>), "`` for an MLflow model URI (version looked up for
+    ``models:/<name>@<alias>``); ``""`` for local checkpoints."""
+    if not model_uri:
+        return ""
+    version = ""
+    body = model_uri[len("models:/"):] if model_uri.startswith("models:/") else ""
+    try:
+        if "@" in body:
+            from mlflow import MlflowClient
+
+            name, alias = body.rstrip("/").split("@", 1)
+            version = f"version {MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri).get_model_version_by_alias(name, alias).version}, "
+        elif body.count("/") == 1 and body.split("/")[1].isdigit():
+            version = f"version {body.split('/')[1]}, "
+    except Exception:  # noqa: BLE001 - the description is informative only
+        version = ""
+    return f"{model_uri} ({version}registry {tracking_uri}), "
 
 
 def _checkpoint_artifact_path(mlmodel_file: Path, model_uri: str) -> str:
@@ -220,6 +265,8 @@ def _setup(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any], Pa
     params, mlflow_config, root = load_project_config(args.conf_source, args.env)
     if args.device:
         params["device"] = args.device
+    if getattr(args, "units", None):
+        params["inference"] = {**(params.get("inference") or {}), "export_units": args.units}
     if getattr(args, "no_cache", False):
         params.setdefault("estimation", {})["cache"] = False
     if getattr(args, "export_size", None):
@@ -227,7 +274,18 @@ def _setup(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any], Pa
             raise CliError(f"--export-size must be >= 8 texels, got {args.export_size}")
         params["inference"] = {**(params.get("inference") or {}), "export_size": int(args.export_size)}
     _validate(params)
+    _check_device(str(params.get("device", "auto")))  # after the schema: a malformed name gets the schema's message
     return params, mlflow_config, root
+
+
+def _check_device(device: str) -> None:
+    """``cuda`` on a machine without CUDA (or a malformed device) -> :class:`CliError` (one line, exit status 2)."""
+    from facedetail.utils import resolve_device
+
+    try:
+        resolve_device(device)
+    except (RuntimeError, ValueError) as error:
+        raise CliError(f"--device {device}: {error}") from error
 
 
 def _validate(params: dict[str, Any]) -> None:
@@ -300,7 +358,9 @@ def _reconstructor(args: argparse.Namespace, params: dict[str, Any], mlflow_conf
 
     if args.model and args.checkpoint:
         raise CliError("pass either --model or --checkpoint, not both")
-    checkpoint = resolve_checkpoint(args.model or args.checkpoint, root, tracking_uri_from_config(mlflow_config, root))
+    tracking_uri = tracking_uri_from_config(mlflow_config, root)
+    checkpoint = resolve_checkpoint(args.model or args.checkpoint, root, tracking_uri)
+    print(f"model: {describe_model(args.model, tracking_uri)}checkpoint {checkpoint}")
     try:
         return Reconstructor.from_params(checkpoint, params, params.get("device", "auto"))
     except CheckpointError as error:
@@ -315,10 +375,11 @@ def command_reconstruct(args: argparse.Namespace) -> int:
     files, names = list_images(args.image_dir, _extensions(params))
     out = _out_dir(args.out_dir)
     faces_written = 0
+    units = (params.get("inference") or {}).get("export_units")
     with _reconstructor(args, params, mlflow_config, root) as reconstructor:
         rows_by_face: dict[str, dict[str, Any]] = {}
         for rec in reconstructor.iter_reconstructions(files, names, chunk_size=args.chunk_size):
-            written = export_face(rec, out, reconstructor.face_model)
+            written = export_face(rec, out, reconstructor.face_model, units=units)
             rows_by_face[rec.face_id] = {name: Path(path).name for name, path in written.items()}
             faces_written += 1
         rows = [{**row, **rows_by_face.get(row["face_id"], {})} for row in reconstructor.last_report]
@@ -349,7 +410,8 @@ def command_retarget(args: argparse.Namespace) -> int:
     with _reconstructor(args, params, mlflow_config, root) as reconstructor:
         try:
             outcome = retarget_photos(reconstructor, source_path, expression_files, out, source_face=args.source_face,
-                                      frames=args.frames, fps=args.fps)
+                                      frames=args.frames, fps=args.fps,
+                                      units=(params.get("inference") or {}).get("export_units"))
         except NoFaceError as error:
             raise CliError(str(error), code=1) from error
         except ValueError as error:
@@ -363,7 +425,10 @@ def command_retarget(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from facedetail import __version__
+
     parser = argparse.ArgumentParser(prog="facedetail", description="Detailed 3D face reconstruction from photos.")
+    parser.add_argument("--version", action="version", version=f"facedetail {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="{fit,reconstruct,retarget}")
 
     def common(p: argparse.ArgumentParser) -> None:
@@ -372,10 +437,15 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N (default: parameters' device)")
         p.add_argument("--no-cache", action="store_true", help="do not read/write the per-face estimation cache")
         p.add_argument("--chunk-size", type=int, default=8, help="images detected/estimated together (memory bound)")
+        p.add_argument("--verbose", action="store_true",
+                       help="show INFO logs and MediaPipe/TFLite native logging (quiet by default)")
 
     def model_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--export-size", type=int, default=None,
                        help="UV side of the exported maps and dense mesh (default: inference.export_size, 256)")
+        p.add_argument("--units", choices=("mm", "cm", "m"), default=None,
+                       help="units of the OBJ meshes and displacement values (default: inference.export_units, cm); "
+                            "the GLB is always in metres")
         group = p.add_mutually_exclusive_group()
         group.add_argument("--model", default=None, help="MLflow model URI, e.g. models:/facedetail-detail-generator/1")
         group.add_argument("--checkpoint", default=None,
@@ -416,17 +486,21 @@ def cli() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``facedetail`` console script; returns the exit status."""
-    os.environ.setdefault("GLOG_minloglevel", "2")  # MediaPipe's C++ logging
     os.environ.setdefault("DO_NOT_TRACK", "1")
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "verbose", False):
+        from facedetail import native_logging
+
+        native_logging(verbose=True)  # before MediaPipe/TFLite are imported (the commands import them lazily)
     if getattr(args, "handler", None) is None:
         parser.print_help(sys.stderr)
         return 2
     if getattr(args, "chunk_size", 1) < 1:
         print("facedetail: error: --chunk-size must be >= 1", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.handler(args) or 0)
     except CliError as error:

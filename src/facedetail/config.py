@@ -277,6 +277,7 @@ class InferenceParams(Section):
     batch_size: PositiveInt = 4
     chunk_size: PositiveInt = 8
     export_size: Annotated[int, Field(ge=8)] = 256
+    export_units: Literal["mm", "cm", "m"] = "cm"
     backend: RasterBackend = "auto"
     cpu_threads: PositiveInt | None = None
 

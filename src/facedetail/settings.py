@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import os
 
-from kedro.config import OmegaConfigLoader
+from omegaconf import OmegaConf
+
+from facedetail.config_loader import ProjectConfigLoader
 
 # Never let kedro-telemetry try the network (the project also ships `.telemetry` with consent: false).
 os.environ.setdefault("DO_NOT_TRACK", "1")
@@ -15,7 +17,18 @@ def _env(name: str, default: str | None = None) -> str | None:
     return os.environ.get(name, default)
 
 
-CONFIG_LOADER_CLASS = OmegaConfigLoader
+# Registered here with the non-deprecated API; Kedro then skips its deprecated register_new_resolver call for it.
+if not OmegaConf.has_resolver("env"):
+    OmegaConf.register_resolver("env", _env)
+try:  # kedro-mlflow's hook registers this one with the deprecated API unless it already exists
+    from kedro_mlflow.config.resolvers import resolve_random_name
+
+    if not OmegaConf.has_resolver("km.random_name"):
+        OmegaConf.register_resolver("km.random_name", resolve_random_name, use_cache=True)
+except ImportError:  # pragma: no cover - kedro-mlflow is a dependency
+    pass
+
+CONFIG_LOADER_CLASS = ProjectConfigLoader
 CONFIG_LOADER_ARGS = {
     "base_env": "base",
     "default_run_env": "local",

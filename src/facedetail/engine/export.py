@@ -2,8 +2,8 @@
 maps, coefficients, strip, JSON) per face. The low-level writers (OBJ, PNG16, strips, GIF) are in
 :mod:`facedetail.io.export`.
 
-Meshes are in the MODEL frame (``face_model.shape``, y up) and the model's units (ICT: cm); landmarks in the JSON are
-in original-image pixels (x right, y down).
+Meshes are in the MODEL frame (``face_model.shape``, y up); OBJ files in ``inference.export_units`` (default cm,
+the ICT model's unit), the GLB in metres; landmarks in the JSON are in original-image pixels (x right, y down).
 """
 from __future__ import annotations
 
@@ -21,14 +21,19 @@ from facedetail.detect.align import aligned_to_original
 from facedetail.engine.fitter import REPORT_COLUMNS, FittedFace
 from facedetail.engine.reconstructor import FaceReconstruction
 from facedetail.geometry.face_model import FaceModel
+from facedetail.geometry.tangents import object_to_tangent_normal_map, split_uv_vertices, vertex_tangents
 from facedetail.io.export import (
-    units_from_mm_per_unit,
+    encode_normal_map,
+    safe_file_name,
+    to_uint8_image,
+    unit_scale,
     write_detail_obj,
     write_displacement_png16,
     write_normal_map_png,
     write_obj_with_uv,
     write_strip_png,
 )
+from facedetail.io.gltf import write_glb
 from facedetail.io.images import save_png
 
 
@@ -72,46 +77,101 @@ def export_fit(face: FittedFace, out_dir: str | os.PathLike, face_model: FaceMod
     """Write ``<face_id>.json`` and ``<face_id>_overlay.png`` (the ``facedetail fit`` outputs); returns their paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    overlay = save_png(face.overlay, out / f"{face.face_id}_overlay.png")
+    face_id = safe_file_name(face.face_id)
+    overlay = save_png(face.overlay, out / f"{face_id}_overlay.png")
     data = face_json(face, face_model)
     data["files"] = {"overlay": overlay.name}
-    json_path = out / f"{face.face_id}.json"
+    json_path = out / f"{face_id}.json"
     json_path.write_text(json.dumps(data, indent=1), encoding="utf-8")
     return {"json": str(json_path), "overlay": str(overlay)}
 
 
-def export_face(rec: FaceReconstruction, out_dir: str | os.PathLike, face_model: FaceModel) -> dict[str, str]:
+#: Default unit of the OBJ/displacement exports (``inference.export_units``); the GLB is always in metres.
+DEFAULT_EXPORT_UNITS = "cm"
+
+
+def tangent_space_export(rec: FaceReconstruction, face_model: FaceModel) -> dict[str, np.ndarray]:
+    """The coarse mesh split at UV seams with per-vertex tangents, and the detailed normals in its tangent space.
+
+    Returns:
+        ``vertices`` (V', 3, model units), ``faces`` (F, 3), ``uv`` (V', 2, OBJ), ``normals`` (V', 3),
+        ``tangents`` (V', 4) and ``tangent_normals`` (3, E, E) (OpenGL convention, see
+        :mod:`facedetail.geometry.tangents`), ``tangent_valid`` (E, E).
+    """
+    position_index, uv_index, faces = split_uv_vertices(np.asarray(face_model.triangles), np.asarray(face_model.tri_uv_idx))
+    vertices = np.asarray(rec.coarse_vertices, np.float64)[position_index]
+    normals = np.asarray(rec.coarse_normals, np.float64)[position_index]
+    normals /= np.maximum(np.linalg.norm(normals, axis=1, keepdims=True), 1e-12)
+    uv = np.asarray(face_model.uv, np.float64)[uv_index]
+    tangents = vertex_tangents(vertices, faces, uv, normals)
+    tangent_normals, covered = object_to_tangent_normal_map(rec.detailed_normals, rec.export_valid, vertices, normals,
+                                                            tangents, faces, uv)
+    return {"vertices": vertices, "faces": faces, "uv": uv, "normals": normals, "tangents": tangents,
+            "tangent_normals": tangent_normals, "tangent_valid": covered}
+
+
+def export_face(rec: FaceReconstruction, out_dir: str | os.PathLike, face_model: FaceModel, *,
+                units: str | None = None) -> dict[str, str]:
     """Write every per-face file of ``facedetail reconstruct`` into ``out_dir``.
 
-    Files (``<id>`` = ``rec.face_id``): ``<id>_coarse.obj`` (+ ``.mtl``, ``<id>_texture.png``), ``<id>_detail.obj``
-    (+ ``.mtl``; dense UV-grid mesh with UVs, displacement along the normals), ``<id>_displacement.png`` (16-bit)
-    + ``<id>_displacement.png.json``, ``<id>_normals.png`` (detailed model-frame normals, n·0.5+0.5),
-    ``<id>_coefficients.npz``, ``<id>_strip.png`` (input | aligned | coarse | detailed | shape-only) and
-    ``<id>.json``. Meshes are in the model frame (y up) and the model's units.
+    Files (``<id>`` = ``rec.face_id`` made file-name safe by :func:`~facedetail.io.export.safe_file_name`):
+
+    * ``<id>_coarse.glb``: glTF 2.0 binary, **metres, +Y up**, coarse mesh with normals, UVs, tangents,
+      base-colour texture and the tangent-space normal map (OpenGL convention, what glTF specifies);
+    * ``<id>_coarse.obj`` + ``.mtl`` (``map_Kd`` texture, ``norm``/``map_Bump`` tangent normal map, ``disp``
+      displacement) + ``<id>_texture.png``;
+    * ``<id>_detail.obj`` (+ ``.mtl``, ``map_Kd``): dense UV-grid mesh with UVs, displacement along the normals;
+    * ``<id>_displacement.png`` (16-bit) + ``<id>_displacement.png.json`` (scale/offset in ``units``);
+    * ``<id>_normal_object.png``: detailed normals in object space (model frame x right, y up, z out of the
+      face), ``n * 0.5 + 0.5``;
+    * ``<id>_normal_tangent_opengl.png``: the same normals in the coarse mesh's tangent space, OpenGL
+      convention (+X = +u, +Y = +v green up, +Z out; DirectX/Unreal: invert green);
+    * ``<id>_coefficients.npz``, ``<id>_strip.png`` (input | aligned | coarse | detailed | shape-only), ``<id>.json``.
+
+    Args:
+        units: ``mm``, ``cm`` (default, the ICT model's own unit) or ``m`` for the OBJ files and the displacement
+            sidecar (stated in the OBJ header and ``<id>.json``). Meshes are in the model frame (y up).
 
     Returns:
         name -> path of every written file.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    face_id = rec.face_id
-    units = units_from_mm_per_unit(face_model.mm_per_unit)
+    face_id = safe_file_name(rec.face_id)
+    units = units or DEFAULT_EXPORT_UNITS
+    scale = unit_scale(face_model.mm_per_unit, units)
     texture_name = f"{face_id}_texture.png"
     written: dict[str, str] = {}
+    displacement = write_displacement_png16(out / f"{face_id}_displacement.png", np.asarray(rec.displacement) * scale,
+                                            rec.uv_valid, units=units)
+    written.update(displacement_png=displacement["png"], displacement_json=displacement["json"])
+    written["normal_object_png"] = str(write_normal_map_png(out / f"{face_id}_normal_object.png", rec.detailed_normals,
+                                                            rec.export_valid))
+    frame = tangent_space_export(rec, face_model)
+    tangent_png = write_normal_map_png(out / f"{face_id}_normal_tangent_opengl.png", frame["tangent_normals"],
+                                       frame["tangent_valid"])
+    written["normal_tangent_png"] = str(tangent_png)
     coarse = write_obj_with_uv(
-        out / f"{face_id}_coarse.obj", rec.coarse_vertices, face_model.triangles, face_model.uv, face_model.tri_uv_idx,
-        normals=rec.coarse_normals, texture_png=rec.export_texture, material_name="face_coarse", units=units,
-        texture_filename=texture_name, comments=(f"coarse {face_model.kind} mesh of {face_id}",),
+        out / f"{face_id}_coarse.obj", np.asarray(rec.coarse_vertices) * scale, face_model.triangles, face_model.uv,
+        face_model.tri_uv_idx, normals=rec.coarse_normals, texture_png=rec.export_texture, material_name="face_coarse",
+        units=units, texture_filename=texture_name, comments=(f"coarse {face_model.kind} mesh of {face_id}",),
+        normal_map_filename=tangent_png.name, displacement_filename=Path(displacement["png"]).name,
+        mtl_comments=("norm/map_Bump: tangent-space normal map, OpenGL convention (+Y green up)",
+                      f"disp: 16-bit displacement along the normal, {units}; decode with {Path(displacement['json']).name}"),
     )
     written.update(coarse_obj=str(coarse["obj"]), coarse_mtl=str(coarse["mtl"]), texture=str(coarse["texture"]))
     detail = write_detail_obj(
-        out / f"{face_id}_detail.obj", rec.detailed_positions, rec.export_valid, rec.detailed_normals,
+        out / f"{face_id}_detail.obj", np.asarray(rec.detailed_positions) * scale, rec.export_valid, rec.detailed_normals,
         texture=rec.export_texture, units=units, texture_filename=texture_name,
     )
     written.update(detail_obj=str(detail["obj"]), detail_mtl=str(detail["mtl"]))
-    displacement = write_displacement_png16(out / f"{face_id}_displacement.png", rec.displacement, rec.uv_valid, units=units)
-    written.update(displacement_png=displacement["png"], displacement_json=displacement["json"])
-    written["normals_png"] = str(write_normal_map_png(out / f"{face_id}_normals.png", rec.detailed_normals, rec.export_valid))
+    to_metres = unit_scale(face_model.mm_per_unit, "m")
+    written["glb"] = str(write_glb(
+        out / f"{face_id}_coarse.glb", frame["vertices"] * to_metres, frame["faces"], frame["uv"], frame["normals"],
+        tangents=frame["tangents"], base_color=to_uint8_image(rec.export_texture), name=face_id,
+        normal_texture=to_uint8_image(encode_normal_map(frame["tangent_normals"], frame["tangent_valid"])),
+        extras={"face_id": rec.face_id, "face_model": face_model.kind},
+    ))
     blocks = face_model.layout.split(torch.as_tensor(np.asarray(rec.coefficients, np.float32))[None])
     npz_path = out / f"{face_id}_coefficients.npz"
     np.savez(
@@ -131,6 +191,10 @@ def export_face(rec: FaceReconstruction, out_dir: str | os.PathLike, face_model:
     data = face_json(rec, face_model)
     data["uv_size"] = int(np.asarray(rec.displacement).shape[-1])
     data["units"] = units
+    data["glb_units"] = "m"
+    data["normal_maps"] = {"normal_object_png": "object space, model frame (x right, y up, z out of the face)",
+                           "normal_tangent_png": "tangent space of the coarse mesh, OpenGL convention (+Y green up), "
+                                                 "as glTF 2.0 specifies; DirectX/Unreal: invert green"}
     json_path = out / f"{face_id}.json"
     written["json"] = str(json_path)
     data["files"] = {key: Path(path).name for key, path in written.items()}

@@ -152,6 +152,7 @@ def retarget_photos(
     source_face: int = 0,
     frames: int = 12,
     fps: float = 12.0,
+    units: str | None = None,
 ) -> RetargetOutcome:
     """``facedetail retarget``: the ``source_face``-th face of the source photo with the expression of the first
     (leftmost) face of each expression photo.
@@ -159,7 +160,7 @@ def retarget_photos(
     Writes into ``out_dir``: the source's and each retargeted face's :func:`export_face` files,
     ``retarget_strip.png`` (source row, then one row per expression: photo | detailed render | displacement, one
     colour scale), ``expression_sweep.gif`` (``frames`` per expression, source → each expression in turn),
-    ``retarget_summary.csv`` and ``retarget_report.csv``.
+    ``retarget_summary.csv`` and ``retarget_report.csv``; ``units``: the OBJ units of :func:`export_face`.
 
     Raises:
         NoFaceError: no face in the source photo or in any expression photo.
@@ -181,7 +182,7 @@ def retarget_photos(
     if not targets:
         raise NoFaceError("no face found in any expression image: " + "; ".join(f"{r['image']}: {r['reason']}" for r in report))
     results = retarget(reconstructor, source, targets)
-    export_face(source, out, reconstructor.face_model)
+    export_face(source, out, reconstructor.face_model, units=units)
     scale = max(float(np.abs(r["displacement"]).max()) for r in results)
     scale = max(scale, float(np.abs(source.displacement).max()), 1e-9)
     summary, strip_rows = [], []
@@ -189,7 +190,7 @@ def retarget_photos(
                                  ["source photo", "source detailed render", "source displacement"], height=224))
     for result in results:
         rec = result["reconstruction"]
-        written = export_face(rec, out, reconstructor.face_model)
+        written = export_face(rec, out, reconstructor.face_model, units=units)
         strip_rows.append(make_strip(
             [result["target_aligned"], result["renders"]["detailed"], displacement_to_rgb(result["displacement"], scale, 224)],
             [f"target {result['target_image']}", "detailed, source identity", "displacement"], height=224))

@@ -16,8 +16,13 @@ Conventions (shared with :mod:`facedetail.render.rasterizer` and :mod:`facedetai
 """
 from __future__ import annotations
 
+import io
 import json
 import math
+import os
+import re
+import tempfile
+import unicodedata
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -26,6 +31,8 @@ import numpy as np
 
 #: Name of the OBJ unit for the face models' ``mm_per_unit``.
 UNIT_NAMES = {1.0: "mm", 10.0: "cm", 100.0: "dm", 1000.0: "m"}
+#: Units the exports can be written in (``inference.export_units`` / ``--units``): millimetres per unit.
+EXPORT_UNITS = {"mm": 1.0, "cm": 10.0, "m": 1000.0}
 #: Default long-edge filter of the dense UV-grid mesh: off (see :func:`uv_grid_mesh` for the measurements).
 DEFAULT_MAX_EDGE_RATIO: float | None = None
 DISPLACEMENT_ENCODING = "value = pixel / 65535 * scale + offset"
@@ -56,6 +63,47 @@ def units_from_mm_per_unit(mm_per_unit: float) -> str:
     if key in UNIT_NAMES:
         return UNIT_NAMES[key]
     return f"{key:g} mm"
+
+
+def unit_scale(mm_per_unit: float, units: str) -> float:
+    """Factor from a face model's units (``mm_per_unit``) to ``units`` (one of :data:`EXPORT_UNITS`): ICT cm -> m = 0.01."""
+    if units not in EXPORT_UNITS:
+        raise ExportError(f"units must be one of {sorted(EXPORT_UNITS)}, got {units!r}")
+    return float(mm_per_unit) / EXPORT_UNITS[units]
+
+
+_UNSAFE_NAME = re.compile(r"[^A-Za-z0-9._+=@,-]+")
+
+
+def safe_file_name(name: str, fallback: str = "face") -> str:
+    """A file-name-safe version of ``name`` for files that OBJ/MTL lines reference.
+
+    Control characters (newline, tab, ...), whitespace, path separators, quotes and other characters outside
+    ``[A-Za-z0-9._+=@,-]`` become ``_`` (runs collapse), accents are dropped, leading dots removed, so a
+    photo named ``"a b\nmtllib x.mtl.jpg"`` cannot inject lines into an OBJ/MTL or break ``mtllib``.
+    """
+    text = unicodedata.normalize("NFKD", str(name)).encode("ascii", "ignore").decode("ascii")
+    text = _UNSAFE_NAME.sub("_", text).strip("_").lstrip(".")
+    return text[:200] or fallback
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write UTF-8 text (``\\n`` line ends) to a temporary file in the same folder, then rename it over ``path``."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as out:
+            out.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _one_line(text: str) -> str:
+    """Comment text on one line: control characters become spaces."""
+    return "".join(" " if unicodedata.category(ch).startswith("C") else ch for ch in str(text))
 
 
 def _squeeze_leading_ones(array: np.ndarray, ndim: int) -> np.ndarray:
@@ -142,14 +190,23 @@ def _write_rgb_png(path: Path, image_rgb: np.ndarray) -> None:
 # OBJ
 
 
+def _to_metres(units: str) -> str:
+    """The scale factor from ``units`` to metres as text ("0.01" for cm; "?" for an unknown unit)."""
+    for mm, name in UNIT_NAMES.items():
+        if name == units:
+            return f"{mm / 1000.0:g}"
+    return "?"
+
+
 def _obj_header(units: str, extra: Sequence[str] = ()) -> str:
     lines = [
         "# facedetail export",
-        f"# units: {units}",
+        f"# units: {units}" + ("" if units == "m" else
+                                f" (Blender and engines assume metres: import with scale {_to_metres(units)} or export with --units m)"),
         "# axes: y up, x to the image right, z towards the camera (out of the face); "
         "faces counter-clockwise seen from outside",
         "# uv: origin bottom-left (v up)",
-        *[f"# {line}" for line in extra],
+        *[f"# {_one_line(line)}" for line in extra],
     ]
     return "\n".join(lines) + "\n"
 
@@ -167,6 +224,9 @@ def write_obj_with_uv(
     units: str = "cm",
     texture_filename: str | None = None,
     comments: Sequence[str] = (),
+    normal_map_filename: str | None = None,
+    displacement_filename: str | None = None,
+    mtl_comments: Sequence[str] = (),
 ) -> dict[str, Path]:
     """Write a triangle mesh with per-corner UVs as Wavefront OBJ (+ MTL + texture PNG).
 
@@ -182,7 +242,14 @@ def write_obj_with_uv(
         material_name: ``newmtl`` / ``usemtl`` name (no whitespace).
         units: unit name written in the header (see :func:`units_from_mm_per_unit`).
         texture_filename: PNG file name (default ``<stem>_texture.png``), relative to the OBJ folder.
-        comments: extra header comment lines.
+        comments: extra header comment lines (control characters become spaces).
+        normal_map_filename: an already written TANGENT-space normal map PNG next to the OBJ, referenced in
+            the MTL as ``norm`` and ``map_Bump -bm 1`` (with a texture only).
+        displacement_filename: an already written displacement PNG next to the OBJ, referenced as ``disp``.
+        mtl_comments: comment lines of the MTL.
+
+    The names the OBJ/MTL reference (MTL, texture, maps) pass through :func:`safe_file_name`, so no
+    whitespace or control character reaches an ``mtllib``/``map_*`` line; the OBJ is written atomically.
 
     Returns:
         ``{"obj": path, "mtl": path, "texture": path}`` (the last two only with a texture).
@@ -204,48 +271,58 @@ def write_obj_with_uv(
             raise ExportError(f"normals must have one row per vertex ({len(vertices_np)}), got {len(normals_np)}")
         lengths = np.linalg.norm(normals_np, axis=1, keepdims=True)
         normals_np = np.where(lengths > 1e-12, normals_np / np.maximum(lengths, 1e-12), [0.0, 0.0, 1.0])
-    if not material_name or any(ch.isspace() for ch in material_name):
+    if not material_name or any(ch.isspace() or unicodedata.category(ch).startswith("C") for ch in material_name):
         raise ExportError(f"material_name must be a non-empty name without whitespace, got {material_name!r}")
 
     written: dict[str, Path] = {"obj": path}
     with_texture = texture_png is not None
     if with_texture:
         texture_rgb = to_uint8_image(texture_png, "texture_png")
-        texture_path = path.with_name(texture_filename or f"{path.stem}_texture.png")
+        texture_path = path.with_name(safe_file_name(texture_filename or f"{path.stem}_texture.png"))
         if texture_path.suffix.lower() != ".png":
             raise ExportError(f"texture_filename must end with .png, got {texture_path.name}")
-        mtl_path = path.with_suffix(".mtl")
+        mtl_path = path.with_name(safe_file_name(path.stem) + ".mtl")
         _write_rgb_png(texture_path, texture_rgb)
-        mtl_path.write_text(
+        maps = [f"map_Kd {texture_path.name}"]
+        if normal_map_filename:
+            name = safe_file_name(normal_map_filename)
+            # `norm` (PBR extension) and `map_Bump -bm 1` (what Blender's importer maps to a Normal Map node):
+            # both name the TANGENT-space normal map (OpenGL, +Y green up)
+            maps += [f"norm {name}", f"map_Bump -bm 1.000000 {name}"]
+        if displacement_filename:
+            maps.append(f"disp {safe_file_name(displacement_filename)}")
+        atomic_write_text(
+            mtl_path,
             "# facedetail export\n"
-            f"newmtl {material_name}\n"
+            + "".join(f"# {_one_line(line)}\n" for line in mtl_comments)
+            + f"newmtl {material_name}\n"
             "Ka 1.000000 1.000000 1.000000\n"
             "Kd 1.000000 1.000000 1.000000\n"
             "Ks 0.000000 0.000000 0.000000\n"
             "d 1.0\n"
             "illum 1\n"
-            f"map_Kd {texture_path.name}\n",
-            encoding="utf-8",
+            + "".join(line + "\n" for line in maps),
         )
         written.update(mtl=mtl_path, texture=texture_path)
 
     extra = [f"{len(vertices_np)} vertices, {len(faces_np)} faces, {len(uv_np)} uv", *comments]
-    with open(path, "w", encoding="utf-8", newline="\n") as handle:
-        handle.write(_obj_header(units, extra))
-        if with_texture:
-            handle.write(f"mtllib {written['mtl'].name}\n")
-        np.savetxt(handle, vertices_np, fmt="v %.6f %.6f %.6f")
-        np.savetxt(handle, uv_np, fmt="vt %.6f %.6f")
-        if normals_np is not None:
-            np.savetxt(handle, normals_np, fmt="vn %.6f %.6f %.6f")
-        if with_texture:
-            handle.write(f"usemtl {material_name}\n")
-        if normals_np is not None:
-            corners = np.stack([faces_np, face_uv_np, faces_np], axis=-1).reshape(-1, 9) + 1
-            np.savetxt(handle, corners, fmt="f %d/%d/%d %d/%d/%d %d/%d/%d")
-        else:
-            corners = np.stack([faces_np, face_uv_np], axis=-1).reshape(-1, 6) + 1
-            np.savetxt(handle, corners, fmt="f %d/%d %d/%d %d/%d")
+    handle = io.StringIO()
+    handle.write(_obj_header(units, extra))
+    if with_texture:
+        handle.write(f"mtllib {written['mtl'].name}\n")
+    np.savetxt(handle, vertices_np, fmt="v %.6f %.6f %.6f")
+    np.savetxt(handle, uv_np, fmt="vt %.6f %.6f")
+    if normals_np is not None:
+        np.savetxt(handle, normals_np, fmt="vn %.6f %.6f %.6f")
+    if with_texture:
+        handle.write(f"usemtl {material_name}\n")
+    if normals_np is not None:
+        corners = np.stack([faces_np, face_uv_np, faces_np], axis=-1).reshape(-1, 9) + 1
+        np.savetxt(handle, corners, fmt="f %d/%d/%d %d/%d/%d %d/%d/%d")
+    else:
+        corners = np.stack([faces_np, face_uv_np], axis=-1).reshape(-1, 6) + 1
+        np.savetxt(handle, corners, fmt="f %d/%d %d/%d %d/%d")
+    atomic_write_text(path, handle.getvalue())
     return written
 
 

@@ -15,7 +15,7 @@ from facedetail.engine.reconstructor import Reconstructor
 logger = logging.getLogger(__name__)
 
 #: Columns of ``inference_report``: the status columns, then the written files (empty when not ok).
-FILE_COLUMNS = ["json", "coarse_obj", "detail_obj", "texture", "displacement_png", "normals_png", "coefficients_npz", "strip_png"]
+FILE_COLUMNS = ["json", "coarse_obj", "detail_obj", "texture", "displacement_png", "normal_object_png", "normal_tangent_png", "glb", "coefficients_npz", "strip_png"]
 
 
 def select_images(partitions: dict[str, Callable[[], bytes]], extensions: list[str]) -> dict[str, Callable[[], bytes]]:
@@ -61,7 +61,8 @@ def reconstruct_and_export(
     with Reconstructor.from_params(detail_model, params, device) as reconstructor:
         for rec in reconstructor.iter_reconstructions(list(images.values()), list(images),
                                                       chunk_size=int(inference_params.get("chunk_size", 8))):
-            files[rec.face_id] = export_face(rec, out_dir, reconstructor.face_model)
+            files[rec.face_id] = export_face(rec, out_dir, reconstructor.face_model,
+                                           units=inference_params.get("export_units"))
         rows = [{**row, **{k: files.get(row["face_id"], {}).get(k, "") for k in FILE_COLUMNS}} for row in reconstructor.last_report]
     report = pd.DataFrame(rows, columns=REPORT_COLUMNS + FILE_COLUMNS)
     logger.info("inference: %d face(s) from %d image(s) written to %s", len(files), len(images), out_dir)
