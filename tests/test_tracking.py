@@ -38,6 +38,7 @@ def test_git_tags_commit_and_dirty_flag(tmp_path):
 def test_runner_tag_is_a_class_name():
     assert tracking.runner_name("<kedro.runner.sequential_runner.SequentialRunner object at 0x7f00aa>") == "SequentialRunner"
     assert tracking.runner_name("ParallelRunner") == "ParallelRunner"
+    assert tracking.runner_name("None") == tracking.runner_name(None) == "SequentialRunner"  # KedroSession.run's default
 
 
 @pytest.fixture()

@@ -174,7 +174,7 @@ class RunTrackingHooks:
         if mlflow.active_run() is None:
             return
         tags = process_tags(run_params.get("project_path") or Path.cwd())
-        if run_params.get("runner"):
+        if "runner" in run_params:
             tags["runner"] = runner_name(run_params["runner"])
         mlflow.set_tags(tags)
 

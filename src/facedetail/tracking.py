@@ -63,8 +63,13 @@ def process_tags(project_path: str | os.PathLike | None = None) -> dict[str, str
 
 
 def runner_name(value: Any) -> str:
-    """A runner's class name from what Kedro puts in ``run_params["runner"]`` (a class name or an object repr)."""
+    """A runner's class name from what Kedro puts in ``run_params["runner"]`` (a class name or an object repr).
+
+    ``None``/"None" (``KedroSession.run()`` without a runner records it before defaulting) is Kedro's ``SequentialRunner``.
+    """
     text = str(value)
+    if value is None or text == "None":
+        return "SequentialRunner"
     match = re.match(r"<([\w.]+) object at 0x[0-9a-fA-F]+>", text)
     return match.group(1).rsplit(".", 1)[-1] if match else text
 
