@@ -4,7 +4,7 @@ Examples::
 
     facedetail fit ../shared/assets/faces/portraits out/fit
     facedetail reconstruct ../shared/assets/faces/in_the_wild out/recon            # latest trained checkpoint
-    facedetail reconstruct photos/ out/ --model models:/facedetail-detail-generator/latest_trained
+    facedetail reconstruct photos/ out/ --model models:/facedetail-detail-generator@champion
     facedetail retarget source.jpg smile.jpg frown.jpg out/retarget --checkpoint model.pt
 
 Parameters come from the project's ``conf/`` (``--conf-source``, ``--env``) through Kedro's

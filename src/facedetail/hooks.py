@@ -5,6 +5,9 @@
   the MLflow UI shows which versions of which intermediates a run used and produced.
 * :class:`ExecutionHooks` stops the Dask cluster (and drops the models loaded for in-process
   stages) when a run ends, successfully or not.
+* :class:`RunTrackingHooks` names MLflow runs ``<pipeline>-<UTC timestamp>``, tags them with the git
+  commit, dirty flag, PID and host (and the runner's class name instead of its repr), and marks
+  ``KILLED`` the runs a dead process left ``RUNNING`` (``facedetail.tracking``).
 * :class:`ValidateParametersHook` checks the run's parameters (``facedetail.config``) before any
   node runs.
 """
@@ -120,6 +123,60 @@ class ExecutionHooks:
         from facedetail.data.execution import close_executors
 
         close_executors()
+
+
+class RunTrackingHooks:
+    """Readable, honest MLflow runs around kedro-mlflow's ``MlflowHook`` (see ``facedetail.tracking``).
+
+    * ``after_context_created`` (``trylast``: after kedro-mlflow set the tracking URI and experiment up):
+      runs of the experiment left ``RUNNING`` by a dead process of this host are marked ``KILLED``.
+    * ``before_pipeline_run`` (``tryfirst``): kedro-mlflow's ``tracking.run.name``, when ``mlflow.yml``
+      leaves it null, becomes ``<pipeline>-<UTC timestamp>``.
+    * ``before_pipeline_run`` (``trylast``: the run has started): tags ``git.commit``, ``git.dirty``,
+      ``facedetail.pid``, ``facedetail.host``; ``runner`` holds the runner's class name.
+    """
+
+    def __init__(self) -> None:
+        self._context: Any = None
+
+    @hook_impl(trylast=True)
+    def after_context_created(self, context: Any) -> None:
+        self._context = context
+        try:
+            import mlflow
+
+            from facedetail.tracking import reap_stale_runs
+
+            config = getattr(context, "mlflow", None)
+            if config is None or mlflow.active_run() is not None:
+                return
+            experiment = mlflow.get_experiment_by_name(config.tracking.experiment.name)
+            if experiment is not None:
+                reap_stale_runs(mlflow.MlflowClient(), [experiment.experiment_id])
+        except Exception as error:  # noqa: BLE001 - housekeeping must never stop a run
+            logger.warning("could not check for runs left RUNNING: %s", error)
+
+    @hook_impl(tryfirst=True)
+    def before_pipeline_run(self, run_params: dict[str, Any], pipeline: Any, catalog: Any) -> None:
+        from facedetail.tracking import run_name
+
+        config = getattr(self._context, "mlflow", None)
+        if config is not None and config.tracking.run.id is None and not config.tracking.run.name:
+            names = run_params.get("pipeline_names") or run_params.get("pipeline_name")
+            config.tracking.run.name = run_name(names)
+
+    @hook_impl(trylast=True, specname="before_pipeline_run")
+    def tag_started_run(self, run_params: dict[str, Any]) -> None:
+        import mlflow
+
+        from facedetail.tracking import process_tags, runner_name
+
+        if mlflow.active_run() is None:
+            return
+        tags = process_tags(run_params.get("project_path") or Path.cwd())
+        if "runner" in run_params:
+            tags["runner"] = runner_name(run_params["runner"])
+        mlflow.set_tags(tags)
 
 
 class InvalidParametersError(ParameterError, click.ClickException):

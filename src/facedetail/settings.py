@@ -42,8 +42,9 @@ CONFIG_LOADER_ARGS = {
     },
 }
 
-from facedetail.hooks import DatasetLineageHooks, ExecutionHooks, ValidateParametersHook  # noqa: E402 - after the telemetry variables
+from facedetail.hooks import DatasetLineageHooks, ExecutionHooks, RunTrackingHooks, ValidateParametersHook  # noqa: E402 - after the telemetry variables
 
 # kedro-mlflow's hooks register themselves (plugin entry point); ours validate the parameters first,
-# record dataset lineage in the MLflow run and stop the run's Dask cluster at the end.
-HOOKS = (ValidateParametersHook(), DatasetLineageHooks(), ExecutionHooks())
+# name and tag the MLflow run (and mark runs of dead processes KILLED), record dataset lineage in it,
+# and stop the run's Dask cluster at the end.
+HOOKS = (ValidateParametersHook(), RunTrackingHooks(), DatasetLineageHooks(), ExecutionHooks())

@@ -21,7 +21,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Protocol
+from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -507,6 +507,37 @@ def embedding_to_rgb(embedding: torch.Tensor) -> torch.Tensor:
     return proj.reshape(batch, height, width, 3).permute(0, 3, 1, 2)
 
 
+#: Column labels of :func:`make_image_grid`, left to right.
+GRID_COLUMNS = ("input", "coarse", "detailed", "displacement", "embedding")
+
+
+def grid_header(labels: Sequence[str], width: int, height: int) -> np.ndarray:
+    """uint8 (height, len(labels)*width, 3) strip: each label centred over its column, white on dark grey.
+
+    The font shrinks until the longest label fits its column (Pillow's scalable default font; its
+    bitmap font where FreeType is missing).
+    """
+    from PIL import Image, ImageDraw, ImageFont
+
+    strip = Image.new("RGB", (width * len(labels), height), (32, 32, 32))
+    draw = ImageDraw.Draw(strip)
+    font = None
+    for size in range(max(height - 4, 6), 5, -1):
+        try:
+            candidate = ImageFont.load_default(size=size)
+        except (TypeError, OSError, ImportError):  # old Pillow or no FreeType
+            candidate = ImageFont.load_default()
+        font = candidate
+        if max(draw.textlength(label, font=candidate) for label in labels) <= width - 2:
+            break
+    for i, label in enumerate(labels):
+        left, top, right, bottom = draw.textbbox((0, 0), label, font=font)
+        x = i * width + (width - (right - left)) / 2 - left
+        y = (height - (bottom - top)) / 2 - top
+        draw.text((x, y), label, fill=(255, 255, 255), font=font)
+    return np.asarray(strip, dtype=np.uint8)
+
+
 def make_image_grid(
     images: torch.Tensor,
     coarse: torch.Tensor,
@@ -515,13 +546,17 @@ def make_image_grid(
     embedding: torch.Tensor,
     max_rows: int = 4,
 ) -> np.ndarray:
-    """uint8 (rows*H, 5*W, 3) grid: input | coarse | detailed | displacement | embedding."""
+    """uint8 (header + rows*H, 5*W, 3) grid: input | coarse | detailed | displacement | embedding.
+
+    The first ``header = max(12, H // 8)`` rows are a label strip naming the columns (:data:`GRID_COLUMNS`).
+    """
     rows = min(max_rows, images.shape[0])
     size = images.shape[-1]
     resize = lambda x: torch.nn.functional.interpolate(x.float(), size=(size, size), mode="bilinear", align_corners=False)  # noqa: E731
     columns = [images[:rows], coarse[:rows], detailed[:rows], resize(colorize_displacement(displacement[:rows])), resize(embedding_to_rgb(embedding[:rows]))]
     grid = torch.cat([torch.cat([c.detach().float().cpu().clamp(0, 1) for c in columns], dim=3)[i] for i in range(rows)], dim=1)
-    return (grid.permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
+    body = (grid.permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
+    return np.concatenate([grid_header(GRID_COLUMNS, size, max(12, size // 8)), body], axis=0)
 
 
 def finite_or_nan(value: float) -> float:

@@ -134,6 +134,49 @@ def test_run_is_tracked_and_model_registered(trained):
     assert len(versions) == 1 and versions[0].run_id == run.info.run_id
     tags = versions[0].tags  # the evaluation summary travels with the registered version
     assert float(tags["evaluate.mean_photometric_l1_detailed"]) == pytest.approx(run.data.metrics["evaluate.mean_photometric_l1_detailed"], rel=1e-4)
+    # MLflow practice: every registered version is the candidate; the first evaluated one is also the champion
+    version = client.get_model_version(MODEL_NAME, versions[0].version)  # search results carry no aliases
+    assert set(version.aliases) >= {"candidate", "champion"}
+    assert "3 steps" in version.description and "training /" in version.description
+
+
+def test_run_is_readable(trained):
+    import re
+
+    from mlflow.tracking import MlflowClient
+
+    _, tracking_uri, _ = trained
+    client = MlflowClient(tracking_uri=tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name("facedetail").experiment_id], filter_string="tags.mlflow.runName LIKE 'train-%'")
+    run = runs[-1]  # the first (train) run; the cached rerun is an estimation run
+    assert re.fullmatch(r"train-\d{8}T\d{6}Z", run.info.run_name), run.info.run_name
+    params = run.data.params
+    assert not [k for k in params if k.startswith("parameters.")]  # each parameter once, flattened
+    assert params["face_model.kind"] == "ict" and params["train.model.ngf"] == "8"
+    tags = run.data.tags
+    assert tags["runner"] == "SequentialRunner" and tags["facedetail.pid"].isdigit() and tags["facedetail.host"]
+
+
+def test_registered_model_is_code_not_pickle(trained):
+    import importlib.metadata
+
+    import mlflow
+    from mlflow.models import Model
+
+    project, tracking_uri, _ = trained
+    folder = Path(mlflow.artifacts.download_artifacts(f"models:/{MODEL_NAME}@champion", dst_path=str(project / "downloaded"),
+                                                      tracking_uri=tracking_uri, registry_uri=tracking_uri))
+    files = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
+    assert not [f for f in files if f.endswith(".pkl")]  # models from code: nothing to unpickle
+    model = Model.load(folder)
+    assert model.flavors["python_function"]["model_code_path"].endswith("serving_model.py")
+    assert model.signature.inputs.input_names() == ["image"] and model.saved_input_example_info is not None
+    example = model.load_input_example(str(folder))
+    assert bytes(example["image"][0])[:4] == b"\x89PNG"
+    requirements = (folder / "requirements.txt").read_text().split()
+    assert f"facedetail=={importlib.metadata.version('facedetail')}" in requirements
+    assert f"torch=={importlib.metadata.version('torch')}" in requirements
+    assert f"artifacts/facedetail-{importlib.metadata.version('facedetail')}-py3-none-any.whl" in files
 
 
 def test_registered_model_reconstructs_a_face_in_a_new_process(trained):
@@ -141,7 +184,7 @@ def test_registered_model_reconstructs_a_face_in_a_new_process(trained):
     script = (
         "import mlflow, pandas as pd, json, sys\n"
         f"mlflow.set_tracking_uri({tracking_uri!r})\n"
-        f"model = mlflow.pyfunc.load_model('models:/{MODEL_NAME}/latest')\n"
+        f"model = mlflow.pyfunc.load_model('models:/{MODEL_NAME}@champion')\n"
         f"out = model.predict(pd.DataFrame({{'image': [{str(SAMPLE / 'astronaut.jpg')!r}]}}))\n"
         "print(json.dumps({'n': len(out), 'face_id': out['face_id'][0], 'uv': int(out['uv_size'][0]),"
         " 'lmk': len(out['landmarks68'][0]), 'k': len(out['coefficients'][0])}))\n"

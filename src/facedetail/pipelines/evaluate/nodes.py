@@ -21,13 +21,23 @@ logger = logging.getLogger(__name__)
 
 
 def tag_registered_version(model_registration: dict[str, Any], summary: dict[str, float]) -> None:
-    """Write the evaluation summary onto the registered model version (compare versions in the registry)."""
+    """Write the evaluation summary onto the registered model version and move ``champion`` to it if it is better.
+
+    The tags (``evaluate.<metric>``) let versions be compared in the registry; ``champion`` moves only
+    when this version beats the current champion (:func:`facedetail.serving.promote_if_better`).
+    """
+    from facedetail.serving import promote_if_better
+
     name, version = model_registration.get("registered_model_name"), model_registration.get("version")
     if not name or version in (None, "None") or mlflow.active_run() is None:
         return
     client = mlflow.MlflowClient()
     for key, value in summary.items():
         client.set_model_version_tag(name, str(version), f"evaluate.{key}", f"{value:.6g}")
+    if promote_if_better(name, str(version), client):
+        logger.info("%s version %s is the new champion", name, version)
+    else:
+        logger.info("%s version %s does not beat the champion; the alias stays", name, version)
 
 
 def evaluate_detail_model(

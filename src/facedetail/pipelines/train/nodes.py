@@ -76,13 +76,29 @@ def train_detail_generator(
     return checkpoint, history, split
 
 
-def register_model(detail_model: dict[str, Any], train_params: dict[str, Any], parameters: dict[str, Any]) -> dict[str, Any]:
-    """Register the trained model (pyfunc) in the MLflow model registry under ``train.registered_model_name``."""
+#: The parameter groups the registered model carries (``params.json`` artifact); each is a ``params:<group>`` node
+#: input, so kedro-mlflow logs them once, flattened (a ``parameters`` input would log every group a second time).
+MODEL_PARAMETER_GROUPS = ("face_model", "weights", "data_prep", "estimation", "uv_maps", "inference", "device", "seed")
+
+
+def register_model(
+    detail_model: dict[str, Any], training_history: pd.DataFrame, train_split: dict[str, list[str]], train_params: dict[str, Any], face_model: dict[str, Any],
+    weights: dict[str, Any], data_prep: dict[str, Any], estimation: dict[str, Any], uv_maps: dict[str, Any],
+    inference: dict[str, Any], device: str, seed: int,
+) -> dict[str, Any]:
+    """Register the trained model (models-from-code pyfunc) under ``train.registered_model_name``, alias ``candidate``.
+
+    Raises:
+        facedetail.serving.RegistrationRefused: non-finite generator weights or final training loss (nothing is registered).
+    """
     from facedetail.serving import register_detail_model
 
     if mlflow.active_run() is None:
         logger.warning("no active MLflow run: the model is not registered")
         return {"registered_model_name": train_params["registered_model_name"], "version": None}
-    record = register_detail_model(detail_model, parameters, train_params["registered_model_name"])
+    parameters = {"face_model": face_model, "weights": weights, "data_prep": data_prep, "estimation": estimation,
+                  "uv_maps": uv_maps, "inference": inference, "device": device, "seed": seed, "train": train_params}
+    record = register_detail_model(detail_model, parameters, train_params["registered_model_name"], history=training_history,
+                                   split=train_split)
     logger.info("registered %s version %s (%s)", record["registered_model_name"], record["version"], record["model_uri"])
     return record

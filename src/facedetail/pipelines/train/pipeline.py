@@ -1,7 +1,7 @@
 """train pipeline (the training step only; the registry chains data_prep → estimation → uv_maps → train → evaluate)."""
 from kedro.pipeline import Node, Pipeline
 
-from .nodes import register_model, train_detail_generator
+from .nodes import MODEL_PARAMETER_GROUPS, register_model, train_detail_generator
 
 
 def create_pipeline(**kwargs) -> Pipeline:
@@ -26,7 +26,7 @@ def create_pipeline(**kwargs) -> Pipeline:
             ),
             Node(
                 register_model,
-                inputs=["detail_model", "params:train", "parameters"],
+                inputs=["detail_model", "training_history", "train_split", "params:train", *(f"params:{group}" for group in MODEL_PARAMETER_GROUPS)],
                 outputs="model_registration",
                 name="register_model",
                 tags=["train"],

@@ -70,7 +70,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     from kedro.framework.session import KedroSession
     from kedro.framework.startup import bootstrap_project
 
-    from facedetail.pipelines.train.nodes import _mlflow_logging_callbacks, _mlflow_set_tags, detail_model_of, register_model
+    from facedetail.pipelines.train.nodes import (
+        MODEL_PARAMETER_GROUPS,
+        _mlflow_logging_callbacks,
+        _mlflow_set_tags,
+        detail_model_of,
+        register_model,
+    )
+    from facedetail.tracking import process_tags, run_name
     from facedetail.training.run import run_training
     from facedetail.training.distributed import barrier, cleanup, init_distributed
     from facedetail.utils import resolve_device
@@ -98,9 +105,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             catalog = context.catalog
             stages = [catalog.load(name) for name in STAGE_DATASETS]
             train_params = dict(params["train"])
-            run = mlflow.start_run(run_name="torchrun-train") if ctx.is_main else None
+            run = mlflow.start_run(run_name=run_name(["torchrun-train"])) if ctx.is_main else None
             try:
                 if ctx.is_main:
+                    mlflow.set_tags(process_tags(Path.cwd()))
                     mlflow.set_tags({"launcher": "torchrun", "world_size": str(ctx.world_size), "backend": str(ctx.backend)})
                     mlflow.log_params({f"train.{k}": str(v)[:500] for k, v in train_params.items()})
                 log_metrics, log_images = _mlflow_logging_callbacks() if ctx.is_main else (None, None)
@@ -115,7 +123,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     catalog.save("train_split", split)
                     if train_params.get("log_checkpoint_artifact", True) and result.checkpoint is not None:
                         mlflow.log_artifact(str(result.checkpoint), artifact_path="train/checkpoint")
-                    record = register_model(detail_model, train_params, params)
+                    record = register_model(detail_model, history, split, train_params,
+                                            *(params.get(group) for group in MODEL_PARAMETER_GROUPS))
                     catalog.save("model_registration", record)
                     logger.info("trained %d steps on %d ranks; registered %s", result.final_step, ctx.world_size, record)
             finally:
