@@ -109,6 +109,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--scheduler", default="local", help="execution.scheduler for preprocessing")
     parser.add_argument("--fast-fit", action="store_true", help="short 3DMM schedule (a quick look, not the default accuracy)")
     parser.add_argument("--skip-train", action="store_true")
+    parser.add_argument("--shard-size", type=int, default=64,
+                        help="data_prep.shard_size (images per shard); small enough that every size runs on the cluster")
     args = parser.parse_args(argv)
 
     from facedetail.sample_data import write_augmented_folder
@@ -130,13 +132,15 @@ def main(argv: list[str] | None = None) -> None:
                "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlruns.db'}",
                "FACEDETAIL_ASSETS": str(REPO.parent / "shared" / "assets"),
                "FACEDETAIL_ICT_MODEL": str(REPO.parent / "shared" / "assets" / "ict_facekit" / "ict_face_only_9409.npz")}
-        params = "estimation.fitting.rigid_steps=20,estimation.fitting.landmark_steps=60,estimation.fitting.photometric_steps=10" if args.fast_fit else None
+        params = f"data_prep.shard_size={args.shard_size}"
+        if args.fast_fit:
+            params += ",estimation.fitting.rigid_steps=20,estimation.fitting.landmark_steps=60,estimation.fitting.photometric_steps=10"
         pre = kedro_run(project, "preprocess", env, params)
         row = {"photos": size, **stage_rates(project), "preprocess_s": pre["seconds"],
                **{f"preprocess_{k}": v for k, v in pre.items() if k.startswith("rss")}}
         row["preprocess_faces_per_s"] = row.get("faces", 0) / pre["seconds"]
         if not args.skip_train:
-            train_params = f"train.steps={args.train_steps}" + (f",{params}" if params else "")
+            train_params = f"train.steps={args.train_steps},{params}"
             train = kedro_run(project, "train", env, train_params)
             row.update({"train_s": train["seconds"], **{f"train_{k}": v for k, v in train.items() if k.startswith("rss")}})
         rows.append(row)
