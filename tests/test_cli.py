@@ -117,10 +117,11 @@ def test_no_command_prints_help(capsys):
 
 def test_list_images_is_recursive_and_sorted(tmp_path):
     (tmp_path / "b").mkdir()
-    for name in ("b/2.JPG", "1.png", "skip.txt"):
+    for name in ("b/2.JPG", "1.png", "notes.txt"):
         (tmp_path / name).write_bytes(b"x")
     files, names = list_images(tmp_path)
-    assert names == ["1.png", "b/2.JPG"] and files[0] == tmp_path / "1.png"
+    # every file is an input (a non-image gets its report row when read): nothing is dropped silently
+    assert names == ["1.png", "b/2.JPG", "notes.txt"] and files[0] == tmp_path / "1.png"
     assert list_images(tmp_path / "1.png")[1] == ["1.png"]  # one file is accepted too
 
 
