@@ -149,6 +149,8 @@ class FittingParams(Section):
     use_photometric: bool = True
     show_progress: bool = False
     cpu_threads: PositiveInt | None = 1
+    sliding_contour: bool = True
+    contour_every: PositiveInt = 5
 
 
 class EstimationParams(Section):
