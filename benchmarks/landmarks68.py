@@ -34,7 +34,8 @@ import yaml  # noqa: E402
 
 from facedetail.detect.faces import detect_and_align, detector_from_params  # noqa: E402
 from facedetail.detect.landmarks import LandmarkDetector  # noqa: E402
-from facedetail.estimation.fitting import FitSettings, fit_coefficients  # noqa: E402
+from facedetail.estimation.fitting import FitSettings, contour_landmark_ids, fit_coefficients  # noqa: E402
+from facedetail.geometry.face_uv import fitted_screen_vertices  # noqa: E402
 from facedetail.geometry.face_model import load_face_model  # noqa: E402
 from facedetail.io.images import read_image  # noqa: E402
 
@@ -104,22 +105,32 @@ def main() -> None:
     fitted, yaw, rates = {}, None, {}
     for sliding in (False, True):
         settings = FitSettings(**{**estimation["fitting"], "sliding_contour": sliding})
-        start, points, angles = time.perf_counter(), [], []
+        start, points, angles, outlines = time.perf_counter(), [], [], []
         for b in range(0, len(crops), batch):
             result = fit_coefficients(model, crops[b : b + batch], mp68[b : b + batch] + 0.5, None, settings)
             points.append(result.landmarks68.numpy() - 0.5)
-            angles.append(model.layout.split(result.coefficients)["angles"].numpy())
+            parts = model.layout.split(result.coefficients)
+            angles.append(parts["angles"].numpy())
+            if not sliding:  # the fixed fit's mesh, jaw read off its silhouette afterwards
+                with torch.no_grad():
+                    screen = fitted_screen_vertices(model, result.coefficients, 224)
+                    ids = contour_landmark_ids(model, parts["id"], parts["exp"], parts["angles"])
+                outlines.append(screen[..., :2].gather(1, ids[..., None].expand(-1, -1, 2)).numpy() - 0.5)
         rates[sliding] = len(crops) / (time.perf_counter() - start)
         fitted[sliding] = np.concatenate(points)
+        if not sliding:
+            fitted["outline"] = np.concatenate(outlines)
         yaw = np.degrees(np.concatenate(angles)[:, 1]) if sliding else yaw
         print(f"fit sliding_contour={sliding}: {rates[sliding]:.2f} faces/s", flush=True)
     turned = np.abs(yaw) > 20
     print(f"turned faces (|yaw| > 20 deg): {int(turned.sum())}: {[n for n, t in zip(names, turned) if t]}")
-    rows = [("fit (fixed jaw) vs MediaPipe targets", fitted[False], mp68), ("fit (sliding jaw) vs MediaPipe targets", fitted[True], mp68)]
+    rows = [("fit (fixed jaw) vs MediaPipe targets", fitted[False], mp68), ("fit (sliding jaw) vs MediaPipe targets", fitted[True], mp68),
+            ("fit (fixed jaw, silhouette jaw read off) vs MediaPipe targets", fitted["outline"], mp68)]
     if args.dlib_model:
         dl68, _, hog = dlib_points(crops, fives, args.dlib_model)
         print(f"dlib: HOG box on {hog}/{len(crops)} crops (else a box from the 5 points)")
         rows += [("fit (fixed jaw) vs dlib", fitted[False], dl68), ("fit (sliding jaw) vs dlib", fitted[True], dl68),
+                 ("fit (fixed jaw, silhouette jaw read off) vs dlib", fitted["outline"], dl68),
                  ("MediaPipe mapping vs dlib", mp68, dl68)]
     for subset, mask in (("all faces", np.ones(len(crops), bool)), ("turned faces", turned)):
         if not mask.any():

@@ -225,7 +225,8 @@ class AlignStage(ShardStage):
 
     def settings(self) -> dict[str, Any]:
         keep = {k: self.params[k] for k in ("detection", "alignment", "max_image_pixels") if k in self.params}
-        return {"params": keep, "version": 1}
+        # version 2: detection_status / detection_source / frames columns, every file a row (issue 11)
+        return {"params": keep, "version": 2}
 
     def setup(self):
         from facedetail.detect.faces import detector_from_params
