@@ -145,9 +145,7 @@ def test_photometric_fit_on_a_rendered_face(ict, tmp_path: Path) -> None:
     # default ridge (tuned on real photos with hair and occluders) would shrink the frontal light
     # photometric_size=None: the photometric term at the crop's size. At the default 64x64 the fit is as
     # good (lower final photometric loss) but the nearly collinear z / ambient terms split differently.
-    # sliding_contour=False: the target's jaw points are the FIXED lmk68 vertices of a turned face, not its
-    # silhouette (test_sliding_contour_* cover the sliding fit)
-    settings = FitSettings(photometric_steps=30, lighting_ridge=1e-4, photometric_size=None, sliding_contour=False)
+    settings = FitSettings(photometric_steps=30, lighting_ridge=1e-4, photometric_size=None)
     result = fit_coefficients(ict, image, target, settings=settings)
     assert result.steps["photometric"] > 0
     assert result.losses["photometric"][0] < 0.04, result.losses
@@ -297,10 +295,7 @@ def test_batched_fit_equals_fitting_in_smaller_batches(ict) -> None:
     """Per-face early stopping makes a face's result independent of its batch: 4 faces in one batch
     give what 2 + 2 and 1 + 3 give (float tolerance)."""
     images, targets = _rendered_faces(ict)
-    # sliding_contour=False: these targets' jaw points are the fixed lmk68 vertices of turned faces, which the
-    # sliding fit approaches only slowly (no early stop within 80 steps); its batch independence is tested below
-    settings = FitSettings(rigid_steps=20, landmark_steps=80, photometric_steps=10, early_stop_patience=5,
-                           sliding_contour=False)
+    settings = FitSettings(rigid_steps=20, landmark_steps=80, photometric_steps=10, early_stop_patience=5)
     together = fit_coefficients(ict, images, targets, settings=settings)
     for split in ((2, 2), (1, 3)):
         parts = [fit_coefficients(ict, img, tgt, settings=settings)
@@ -386,7 +381,8 @@ def test_sliding_contour_fit_follows_the_silhouette(ict) -> None:
     images = np.full((1, 224, 224, 3), 128, np.uint8)
     errors = {}
     for sliding in (True, False):
-        settings = FitSettings(w_id=1e-4, w_exp=1e-4, sliding_contour=sliding)
+        # silhouette_landmarks=False: compare the fits' own correspondences
+        settings = FitSettings(w_id=1e-4, w_exp=1e-4, sliding_contour=sliding, silhouette_landmarks=False)
         result = fit_coefficients(ict, images, target, rasterizer=None, settings=settings)
         errors[sliding] = (result.landmarks68[0, :17] - target[0, :17]).norm(dim=-1).mean().item()
     assert errors[True] < 1.5 and errors[True] < 0.5 * errors[False], errors
@@ -397,8 +393,25 @@ def test_sliding_contour_fit_is_independent_of_the_batch(ict) -> None:
     faces = [_posed(ict, yaw, seed) for yaw, seed in ((0.5, 1), (-0.4, 2))]
     targets = torch.cat([screen[:, contour_landmark_ids(ict, b["id"], b["exp"], b["angles"])[0], :2] for _, screen, _, b in faces])
     images = np.full((2, 224, 224, 3), 128, np.uint8)
-    settings = FitSettings(rigid_steps=20, landmark_steps=120, early_stop_patience=10)
+    settings = FitSettings(rigid_steps=20, landmark_steps=120, early_stop_patience=10, sliding_contour=True)
     together = fit_coefficients(ict, images, targets, rasterizer=None, settings=settings)
     alone = [fit_coefficients(ict, images[k : k + 1], targets[k : k + 1], rasterizer=None, settings=settings) for k in range(2)]
     assert torch.allclose(torch.cat([a.landmarks68 for a in alone]), together.landmarks68, atol=0.05)
     assert torch.allclose(torch.cat([a.coefficients for a in alone]), together.coefficients, atol=2e-3)
+
+
+def test_silhouette_landmarks_move_only_the_far_jaw(ict) -> None:
+    """The written 68 points of a fixed-vertex fit: jaw on the fitted silhouette, the other 51 unchanged."""
+    _, screen, _, _ = _posed(ict, 0.6)
+    target = screen[:, ict.lmk68, :2]
+    images = np.full((1, 224, 224, 3), 128, np.uint8)
+    runs = {flag: fit_coefficients(ict, images, target, rasterizer=None, settings=FitSettings(silhouette_landmarks=flag))
+            for flag in (False, True)}
+    plain, outline = runs[False].landmarks68[0], runs[True].landmarks68[0]
+    assert torch.allclose(plain[17:], outline[17:])
+    moved = (plain[:17] - outline[:17]).norm(dim=-1)
+    # the chin stays; the far side (turned away) moves onto the cheek's outline, farther than the near side
+    assert (moved[7:10] < 0.5).all() and moved.max() > 5.0, moved
+    sides = sorted([moved[:7].max().item(), moved[10:].max().item()])
+    assert sides[1] > 1.5 * sides[0], moved
+    np.testing.assert_allclose(runs[False].losses["landmark_nme"], runs[True].losses["landmark_nme"])

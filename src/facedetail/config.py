@@ -149,8 +149,9 @@ class FittingParams(Section):
     use_photometric: bool = True
     show_progress: bool = False
     cpu_threads: PositiveInt | None = 1
-    sliding_contour: bool = True
+    sliding_contour: bool = False
     contour_every: PositiveInt = 5
+    silhouette_landmarks: bool = True
 
 
 class EstimationParams(Section):

@@ -120,9 +120,13 @@ class FitSettings:
     cpu_threads: int | None = 1
     # sliding jaw contour (3DDFA, Zhu et al. 2016): the 17 jaw landmarks slide, every ``contour_every`` steps
     # of the landmark and photometric stages, to the silhouette vertex of their candidate line (see
-    # :func:`jaw_contour_lines`); False: fixed ``lmk68`` vertices
-    sliding_contour: bool = True
+    # :func:`jaw_contour_lines`); for targets whose jaw is the silhouette (iBUG-trained: FAN, dlib). False:
+    # fixed ``lmk68`` vertices, right for MediaPipe's anatomical (occluded far-side) jaw points (measured)
+    sliding_contour: bool = False
     contour_every: int = 5
+    # the returned ``landmarks68``' jaw is read off the fitted mesh's silhouette (what iBUG annotations mark);
+    # the losses (``landmark_nme``) keep the fit's own correspondences
+    silhouette_landmarks: bool = True
 
     def to_dict(self) -> dict:
         """Plain dict (for cache keys / MLflow params)."""
@@ -888,7 +892,7 @@ def _fit(
         screen, normals, _ = p.full_geometry()
         if photometric:
             p.update_lighting_and_albedo(screen, normals)
-        p.update_contour()  # the final pose's silhouette
+        p.update_contour()  # the final pose's silhouette (sliding fits)
         fitted = p.fitted_landmarks(screen)
         losses = {
             "landmark": p.landmark_loss(fitted),
@@ -902,6 +906,9 @@ def _fit(
         if photometric:
             total = total + settings.w_photometric * losses["photometric"]
         losses["total"] = total
+        if settings.silhouette_landmarks and p.contour is None:  # output: the jaw on the fitted silhouette
+            p.lmk_ids = contour_landmark_ids(model, p.id.detach(), p.exp.detach(), p.angles.detach())
+            fitted = p.fitted_landmarks(screen)
         overlay = render_overlay(model, p, screen, normals, fragments=fragments)
     return FitResult(
         coefficients=p.coefficients().cpu(),
