@@ -128,6 +128,7 @@ def summarise_manifest(face_manifest: pd.DataFrame) -> tuple[dict[str, dict[str,
     report = face_manifest.copy()
     for column in ("bbox", "landmarks5", "trans_params"):
         report[column] = [
-            "" if values is None else " ".join(f"{float(v):.3f}" for v in values) for values in report[column]
+            " ".join(f"{float(v):.3f}" for v in values) if isinstance(values, (list, tuple, np.ndarray)) else ""
+            for values in report[column]
         ]
     return metrics, report
