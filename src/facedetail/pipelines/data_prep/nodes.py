@@ -53,6 +53,18 @@ def select_image_partitions(
     return selected
 
 
+def _as_bool(value: Any) -> Any:
+    """A manifest flag as True/False, or ``pd.NA`` when unknown (rows of files that are not images; cached reports
+    may hand the flags back as numpy bools, strings or None)."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    if isinstance(value, (int, np.integer)) and value in (0, 1):
+        return bool(value)
+    return pd.NA
+
+
 def make_face_ids(partition_ids: list[str]) -> dict[str, str]:
     """Map each partition id to its unique, file-name-safe stem (:func:`facedetail.io.face_ids.image_stems`, the
     rule the engine uses too); face ids are ``<stem>__f<k>``."""
@@ -87,7 +99,7 @@ def detect_and_align_faces(
     for column in ("image_width", "image_height", "bit_depth", "frames"):
         manifest[column] = pd.to_numeric(manifest[column], errors="coerce").astype("Int64")
     for column in ("grayscale", "had_alpha", "exif_transposed"):
-        manifest[column] = manifest[column].astype("boolean")
+        manifest[column] = pd.array([_as_bool(value) for value in manifest[column]], dtype="boolean")
     for column in ("score", "detection_scale"):
         manifest[column] = pd.to_numeric(manifest[column], errors="coerce").astype(float)
     statuses = manifest.drop_duplicates("image")["status"].value_counts().to_dict() if len(manifest) else {}
