@@ -156,10 +156,11 @@ def test_no_command_prints_help(capsys):
 
 def test_list_images_is_recursive_and_sorted(tmp_path):
     (tmp_path / "b").mkdir()
-    for name in ("b/2.JPG", "1.png", "skip.txt"):
+    for name in ("b/2.JPG", "1.png", "notes.txt"):
         (tmp_path / name).write_bytes(b"x")
     files, names = list_images(tmp_path)
-    assert names == ["1.png", "b/2.JPG"] and files[0] == tmp_path / "1.png"
+    # every file is an input (a non-image gets its report row when read): nothing is dropped silently
+    assert names == ["1.png", "b/2.JPG", "notes.txt"] and files[0] == tmp_path / "1.png"
     assert list_images(tmp_path / "1.png")[1] == ["1.png"]  # one file is accepted too
 
 
@@ -331,3 +332,35 @@ def test_unreadable_files_are_rows_and_do_not_fail_their_chunk(tmp_path, checkpo
     assert "symbolic link loop" in report.loc["loop.jpg", "reason"]
     assert "u.jpg: permission denied" in report.loc["u.jpg", "reason"]
     assert set(report.loc[["dangling.jpg", "loop.jpg", "u.jpg"], "status"]) == {"unreadable"}
+
+
+@needs_assets
+@pytest.mark.parametrize("command", ["fit", "reconstruct"])
+def test_every_pillow_format_gets_its_row(tmp_path, checkpoint, capsys, fast, command):
+    """Issue 11: .pgm, animated .gif, multi-page .tif (first frame, said in the row) and a text file, by content."""
+    import io
+
+    import skimage.data
+    from PIL import Image
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    astronaut = Image.fromarray(skimage.data.astronaut())
+    grey = Image.new("RGB", astronaut.size, (90, 90, 90))
+    for name, fmt, extra in (("anim.gif", "GIF", {"save_all": True, "append_images": [grey], "duration": 100}),
+                             ("pages.tif", "TIFF", {"save_all": True, "append_images": [grey, grey]}),
+                             ("face.pgm", "PPM", {})):
+        buffer = io.BytesIO()
+        (astronaut.convert("L") if name.endswith(".pgm") else astronaut).save(buffer, format=fmt, **extra)
+        (folder / name).write_bytes(buffer.getvalue())
+    (folder / "notes.txt").write_text("not an image")
+    out = tmp_path / "out"
+    extra = ["--checkpoint", str(checkpoint), "--export-size", "64"] if command == "reconstruct" else []
+    assert main([command, str(folder), str(out), *extra, *fast]) == 0
+    report = pd.read_csv(out / f"{command}_report.csv").set_index("image")
+    assert sorted(report.index) == ["anim.gif", "face.pgm", "notes.txt", "pages.tif"]
+    assert report.loc[["anim.gif", "face.pgm", "pages.tif"], "status"].tolist() == ["ok"] * 3
+    assert "first of 2 frames used" in report.loc["anim.gif", "reason"] and report.loc["anim.gif", "frames"] == 2
+    assert "first of 3 frames used" in report.loc["pages.tif", "reason"] and report.loc["pages.tif", "frames"] == 3
+    assert report.loc["notes.txt", "status"] == "not_an_image"
+    assert set(report.loc[["anim.gif", "face.pgm", "pages.tif"], "detection_status"]) == {"ok"}

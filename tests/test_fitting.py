@@ -17,7 +17,9 @@ from facedetail.estimation.fitting import (
     deng_landmark_weights,
     estimate_white_lighting,
     expression_from_blendshapes,
+    contour_landmark_ids,
     fit_coefficients,
+    jaw_contour_lines,
     landmark_nme,
     mesh_smoothing_operator,
 )
@@ -335,3 +337,81 @@ def test_low_resolution_photometric_stage_and_rasterizer_reuse(ict) -> None:
     assert (fast.losses["landmark_nme"] < 0.02).all()
     with pytest.raises(ValueError, match="photometric_size"):
         fit_coefficients(ict, images[:1], targets[:1], settings=FitSettings(photometric_size=0, **base))
+
+
+def _posed(model, yaw: float, seed: int = 3):
+    """One synthetic face turned by ``yaw`` radians: coefficients, screen vertices, normals and blocks."""
+    gen = torch.Generator().manual_seed(seed)
+    layout = model.layout
+    blocks = {"id": 0.5 * torch.randn(1, layout.n_id, generator=gen), "exp": torch.zeros(1, layout.n_exp),
+              "angles": torch.tensor([[0.05, yaw, 0.0]]), "trans": torch.tensor([[0.0, 0.0, 0.0]])}
+    shape = model.shape(blocks["id"], blocks["exp"])
+    screen, _, rotation = transform_and_project(shape, blocks["angles"], blocks["trans"], model.camera)
+    normals = vertex_normals(shape, model.triangles) @ rotation
+    return layout.join(blocks), screen, normals, blocks
+
+
+def test_sliding_contour_lines_and_silhouette_choice(ict) -> None:
+    lines = jaw_contour_lines(ict)
+    assert jaw_contour_lines(ict) is lines  # computed once per model
+    assert lines.candidates.shape[0] == 17 and (lines.candidates == ict.lmk68[:17, None]).any(1).all()
+    # frontal: the jaw stays within a couple of pixels of the fixed vertices
+    _, screen, _, blocks = _posed(ict, 0.0)
+    ids = contour_landmark_ids(ict, blocks["id"], blocks["exp"], blocks["angles"])
+    assert torch.equal(ids[:, 17:], ict.lmk68[17:][None])
+    shift = (screen[0, ids[0, :17], :2] - screen[0, ict.lmk68[:17], :2]).norm(dim=-1)
+    assert shift.max() < 6.0, shift
+    # turned 40 degrees: the far side's fixed jaw vertices face away; the slid ones sit on the silhouette
+    _, screen, normals, blocks = _posed(ict, 0.7)
+    ids = contour_landmark_ids(ict, blocks["id"], blocks["exp"], blocks["angles"])
+    fixed_nz, slid_nz = normals[0, ict.lmk68[:17], 2], normals[0, ids[0, :17], 2]
+    far = fixed_nz < -0.1
+    assert far.sum() >= 3, fixed_nz
+    assert (slid_nz[far] > -0.1).all() and (slid_nz[far].abs() < 0.3).all(), slid_nz
+    moved = (screen[0, ids[0, :17], :2] - screen[0, ict.lmk68[:17], :2]).norm(dim=-1)
+    assert moved[far].min() > 2.0  # the far-side points moved onto the cheek's outline
+
+
+def test_sliding_contour_fit_follows_the_silhouette(ict) -> None:
+    """Targets whose jaw is the silhouette of a turned face (as human iBUG annotations are): the sliding fit
+    reaches them, the fixed-vertex fit cannot."""
+    _, screen, _, blocks = _posed(ict, 0.6)
+    ids = contour_landmark_ids(ict, blocks["id"], blocks["exp"], blocks["angles"])
+    target = screen[0, ids[0], :2][None]
+    images = np.full((1, 224, 224, 3), 128, np.uint8)
+    errors = {}
+    for sliding in (True, False):
+        # silhouette_landmarks=False: compare the fits' own correspondences
+        settings = FitSettings(w_id=1e-4, w_exp=1e-4, sliding_contour=sliding, silhouette_landmarks=False)
+        result = fit_coefficients(ict, images, target, rasterizer=None, settings=settings)
+        errors[sliding] = (result.landmarks68[0, :17] - target[0, :17]).norm(dim=-1).mean().item()
+    assert errors[True] < 1.5 and errors[True] < 0.5 * errors[False], errors
+
+
+def test_sliding_contour_fit_is_independent_of_the_batch(ict) -> None:
+    """Each face slides its own jaw: two turned faces fitted together give what each gives alone."""
+    faces = [_posed(ict, yaw, seed) for yaw, seed in ((0.5, 1), (-0.4, 2))]
+    targets = torch.cat([screen[:, contour_landmark_ids(ict, b["id"], b["exp"], b["angles"])[0], :2] for _, screen, _, b in faces])
+    images = np.full((2, 224, 224, 3), 128, np.uint8)
+    settings = FitSettings(rigid_steps=20, landmark_steps=120, early_stop_patience=10, sliding_contour=True)
+    together = fit_coefficients(ict, images, targets, rasterizer=None, settings=settings)
+    alone = [fit_coefficients(ict, images[k : k + 1], targets[k : k + 1], rasterizer=None, settings=settings) for k in range(2)]
+    assert torch.allclose(torch.cat([a.landmarks68 for a in alone]), together.landmarks68, atol=0.05)
+    assert torch.allclose(torch.cat([a.coefficients for a in alone]), together.coefficients, atol=2e-3)
+
+
+def test_silhouette_landmarks_move_only_the_far_jaw(ict) -> None:
+    """The written 68 points of a fixed-vertex fit: jaw on the fitted silhouette, the other 51 unchanged."""
+    _, screen, _, _ = _posed(ict, 0.6)
+    target = screen[:, ict.lmk68, :2]
+    images = np.full((1, 224, 224, 3), 128, np.uint8)
+    runs = {flag: fit_coefficients(ict, images, target, rasterizer=None, settings=FitSettings(silhouette_landmarks=flag))
+            for flag in (False, True)}
+    plain, outline = runs[False].landmarks68[0], runs[True].landmarks68[0]
+    assert torch.allclose(plain[17:], outline[17:])
+    moved = (plain[:17] - outline[:17]).norm(dim=-1)
+    # the chin stays; the far side (turned away) moves onto the cheek's outline, farther than the near side
+    assert (moved[7:10] < 0.5).all() and moved.max() > 5.0, moved
+    sides = sorted([moved[:7].max().item(), moved[10:].max().item()])
+    assert sides[1] > 1.5 * sides[0], moved
+    np.testing.assert_allclose(runs[False].losses["landmark_nme"], runs[True].losses["landmark_nme"])

@@ -305,7 +305,9 @@ def test_inference_node_exports_and_reports(params, estimation_cache, tmp_path):
     report = reconstruct_and_export(partitions, tiny_checkpoint(), inference, params["face_model"], params["weights"],
                                     params["data_prep"], estimation, params["uv_maps"], "cpu")
     rows = report.set_index("image")
-    assert set(rows.index) == {"obama.jpg", "locked.jpg"}  # notes.txt is not an image
+    # every input has its row (issue 11): notes.txt is not an image, by content
+    assert set(rows.index) == {"obama.jpg", "locked.jpg", "notes.txt"}
+    assert rows.loc["notes.txt", "status"] == "not_an_image"
     assert rows.loc["locked.jpg", "status"] == "unreadable" and "denied" in rows.loc["locked.jpg", "reason"]
     assert rows.loc["obama.jpg", "status"] == "ok" and Path(rows.loc["obama.jpg", "detail_obj"]).is_file()
     metrics = summarise_inference(report)

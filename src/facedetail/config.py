@@ -78,6 +78,9 @@ class DetectionParams(Section):
     min_probability: Probability = 0.95
     max_detection_side: PositiveInt = 1600
     stage_thresholds: Annotated[list[Probability], Field(min_length=3, max_length=3)] = [0.6, 0.7, 0.7]
+    low_confidence_floor: NonNegativeFloat = 1.0
+    retry_window_factors: list[PositiveFloat] = []
+    fallback: Literal["none", "mediapipe"] = "none"
 
 
 class AlignmentParams(Section):
@@ -146,6 +149,9 @@ class FittingParams(Section):
     use_photometric: bool = True
     show_progress: bool = False
     cpu_threads: PositiveInt | None = 1
+    sliding_contour: bool = False
+    contour_every: PositiveInt = 5
+    silhouette_landmarks: bool = True
 
 
 class EstimationParams(Section):

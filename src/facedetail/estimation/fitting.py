@@ -118,6 +118,15 @@ class FitSettings:
     # torch CPU threads during the fit (restored afterwards); None leaves torch's setting. The fit is
     # many small ops: on a shared 2-core machine 1 thread was 8x faster than 2 (OpenMP spin-waits).
     cpu_threads: int | None = 1
+    # sliding jaw contour (3DDFA, Zhu et al. 2016): the 17 jaw landmarks slide, every ``contour_every`` steps
+    # of the landmark and photometric stages, to the silhouette vertex of their candidate line (see
+    # :func:`jaw_contour_lines`); for targets whose jaw is the silhouette (iBUG-trained: FAN, dlib). False:
+    # fixed ``lmk68`` vertices, right for MediaPipe's anatomical (occluded far-side) jaw points (measured)
+    sliding_contour: bool = False
+    contour_every: int = 5
+    # the returned ``landmarks68``' jaw is read off the fitted mesh's silhouette (what iBUG annotations mark);
+    # the losses (``landmark_nme``) keep the fit's own correspondences
+    silhouette_landmarks: bool = True
 
     def to_dict(self) -> dict:
         """Plain dict (for cache keys / MLflow params)."""
@@ -319,6 +328,138 @@ def landmark_nme(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (predicted - target).norm(dim=-1).mean(-1) / iod
 
 
+# ------------------------------------------------------------------------------- sliding jaw contour
+
+
+@dataclass(frozen=True)
+class ContourLines:
+    """Candidate vertices of the 17 jaw landmarks (:func:`jaw_contour_lines`).
+
+    Attributes:
+        candidates: (17, K) long vertex ids of each landmark's line (short lines are padded with the landmark's
+            own vertex, which is always a candidate).
+        local_vertices: (S,) long ids of the candidates and their one-ring neighbours.
+        local_candidates: (17, K) long indices of ``candidates`` into ``local_vertices``.
+        local_triangles: (F, 3) long triangles touching a candidate, indexed into ``local_vertices`` (enough for
+            the candidates' exact vertex normals).
+    """
+
+    candidates: torch.Tensor
+    local_vertices: torch.Tensor
+    local_candidates: torch.Tensor
+    local_triangles: torch.Tensor
+
+
+_CONTOUR_CACHE: "weakref.WeakKeyDictionary[FaceModel, ContourLines]" = weakref.WeakKeyDictionary()
+
+
+def jaw_contour_lines(
+    model: FaceModel, side_reach: float = 0.45, chin_reach: float = 0.1, outer: float = 1.02, band: float | None = None
+) -> ContourLines:
+    """The candidate line of each jaw landmark, computed once per model on its mean shape (cached).
+
+    Jaw landmark ``j`` at ``p_j``: with ``c`` the point on the face's vertical mid-line at the height of the
+    outermost jaw landmarks (0 and 16), its line is the band of vertices within ``band`` (default: 0.75 of the
+    median edge length) of the plane through ``c`` that contains the viewing axis (z) and the direction
+    ``d_j = (p_j - c)_xy`` (horizontal lines on the cheeks, vertical ones at the chin, radial in between: 3DDFA's
+    parallel lines), from ``outer`` times ``p_j``'s distance ``r_j`` along ``d_j`` inward by
+    ``(side_reach |d_x| + chin_reach |d_y|) r_j`` (long lines on the cheeks, where yaw moves the silhouette;
+    short ones at the chin, which must not reach the lips), not behind ``p_j`` by more than 1 cm (no ear or neck
+    vertices) and farther than 1 cm (in x, y) from every non-jaw landmark (eyes, brows, nose and lips never
+    become jaw points). In a turned face the silhouette of the far cheek lies inward of the jaw vertex, which
+    then faces away; the near side keeps its vertex (outermost candidate).
+    """
+    cached = _CONTOUR_CACHE.get(model)
+    if cached is not None:
+        return cached
+    vertices = model.mean_shape.detach().cpu().numpy().astype(np.float64)[: model.n_open_vertices]
+    triangles = model.triangles.detach().cpu().numpy()
+    triangles = triangles[(triangles < model.n_open_vertices).all(1)]  # the open surface (no hole fills)
+    lmk = model.lmk68.detach().cpu().numpy()
+    jaw = lmk[:17]
+    edges = np.linalg.norm(vertices[triangles[:, 0]] - vertices[triangles[:, 1]], axis=1)
+    band = float(band if band is not None else 0.75 * np.median(edges))
+    unit = 1.0 / _unit_scale(model)  # model units per centimetre
+    used = np.zeros(len(vertices), bool)
+    used[triangles.reshape(-1)] = True
+    inner_xy = vertices[lmk[17:], :2]
+    nearest = np.min(np.linalg.norm(vertices[:, None, :2] - inner_xy[None], axis=-1), axis=1)
+    used &= nearest > 1.0 * unit
+    centre = np.array([0.0, 0.5 * (vertices[jaw[0], 1] + vertices[jaw[16], 1])])
+    centre[0] = 0.5 * (vertices[jaw[0], 0] + vertices[jaw[16], 0])
+    lines = []
+    for vertex in jaw:
+        direction = vertices[vertex, :2] - centre
+        reach = float(np.linalg.norm(direction))
+        direction = direction / max(reach, 1e-9)
+        offset = vertices[:, :2] - centre
+        along = offset @ direction
+        across = np.abs(offset @ np.array([-direction[1], direction[0]]))
+        inner = 1.0 - side_reach * abs(direction[0]) - chin_reach * abs(direction[1])
+        keep = used & (across < band) & (along >= inner * reach) & (along <= outer * reach)
+        keep &= vertices[:, 2] >= vertices[vertex, 2] - 1.0 * unit
+        ids = np.flatnonzero(keep)
+        lines.append(np.unique(np.concatenate([[vertex], ids])))
+    width = max(len(line) for line in lines)
+    # short lines are padded with the landmark's own vertex (a duplicate candidate changes no choice)
+    candidates = np.stack([np.concatenate([line, np.full(width - len(line), vertex)]) for line, vertex in zip(lines, jaw)])
+    flat = np.unique(candidates)
+    touching = triangles[np.isin(triangles, flat).any(1)]
+    local = np.unique(np.concatenate([flat, touching.reshape(-1)]))
+    lookup = np.full(len(vertices), -1, np.int64)
+    lookup[local] = np.arange(len(local))
+    lines_out = ContourLines(
+        candidates=torch.as_tensor(candidates, dtype=torch.long, device=model.device),
+        local_vertices=torch.as_tensor(local, dtype=torch.long, device=model.device),
+        local_candidates=torch.as_tensor(lookup[candidates], dtype=torch.long, device=model.device),
+        local_triangles=torch.as_tensor(lookup[touching], dtype=torch.long, device=model.device),
+    )
+    _CONTOUR_CACHE[model] = lines_out
+    return lines_out
+
+
+@torch.no_grad()
+def contour_landmark_ids(
+    model: FaceModel, id_coeffs: torch.Tensor, exp_coeffs: torch.Tensor, angles: torch.Tensor,
+    lines: ContourLines | None = None, facing_away: float = -0.1, current: torch.Tensor | None = None,
+    hysteresis: float = 0.05,
+) -> torch.Tensor:
+    """(B, 68) landmark vertex ids with the 17 jaw landmarks slid to the silhouette of the posed shape.
+
+    On each jaw landmark's candidate line (:func:`jaw_contour_lines`) the chosen vertex is the one whose rotated
+    normal is most perpendicular to the view (smallest ``|n_z|``) among those not facing away
+    (``n_z > facing_away``); a line without such a candidate keeps the landmark's own vertex. Landmarks 17-67
+    are ``model.lmk68``. Only the lines' vertices and their one-ring are evaluated.
+
+    ``current``: (B, 68) ids of the previous choice; a jaw point only moves when the new candidate's ``|n_z|``
+    is lower than its current vertex's by more than ``hysteresis`` (or the current one faces away), so the
+    choice does not flicker between neighbours while the fit converges (early stopping needs a steady loss).
+    """
+    lines = lines if lines is not None else jaw_contour_lines(model)
+    batch = id_coeffs.shape[0]
+    local = lines.local_vertices
+    coeffs = torch.cat([id_coeffs, exp_coeffs], 1)
+    basis = torch.cat([model.id_basis[:, local], model.exp_basis[:, local]], 0).reshape(coeffs.shape[1], -1)
+    shape = model.mean_shape[local] + (coeffs @ basis).reshape(batch, -1, 3)
+    normals = vertex_normals(shape, lines.local_triangles) @ euler_to_rotation(angles)
+    nz = normals[..., 2][:, lines.local_candidates]  # (B, 17, K)
+    score = torch.where(nz > facing_away, nz.abs(), torch.full_like(nz, float("inf")))
+    best = score.argmin(-1)  # (B, 17)
+    chosen = lines.candidates[None].expand(batch, -1, -1).gather(2, best[..., None])[..., 0]
+    best_score = score.min(-1).values
+    none_visible = torch.isinf(best_score)
+    ids = model.lmk68[None].expand(batch, 68).clone()
+    ids[:, :17] = torch.where(none_visible, ids[:, :17], chosen)
+    if current is not None:
+        previous = current[:, :17]
+        # the current vertex's score: it is a candidate of its line (the lines hold every vertex they may choose)
+        is_current = lines.candidates[None] == previous[..., None]  # (B, 17, K)
+        current_score = torch.where(is_current, score, torch.full_like(score, float("inf"))).min(-1).values
+        keep = torch.isfinite(current_score) & (best_score > current_score - hysteresis)
+        ids[:, :17] = torch.where(keep, previous, ids[:, :17])
+    return ids
+
+
 # ------------------------------------------------------------------------------------- the fitter
 
 
@@ -376,6 +517,27 @@ class _Problem:
         self.lmk_mean = model.mean_shape[lmk]
         self.lmk_id = model.id_basis[:, lmk].reshape(layout.n_id, -1)
         self.lmk_exp = model.exp_basis[:, lmk].reshape(layout.n_exp, -1)
+        # (B, 68) vertex of each landmark per face: the jaw's 17 slide (update_contour), the others are fixed
+        self.lmk_ids = lmk[None].expand(batch, 68).clone()
+        self.contour = jaw_contour_lines(model) if settings.sliding_contour else None
+        self._jaw_basis: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # per-face (mean, id, exp)
+
+    @torch.no_grad()
+    def update_contour(self) -> None:
+        """Slide each face's 17 jaw landmarks to their silhouette (:func:`contour_landmark_ids`); no-op without
+        sliding."""
+        if self.contour is None:
+            return
+        model = self.model
+        current = self.lmk_ids if self._jaw_basis is not None else None
+        self.lmk_ids = contour_landmark_ids(model, self.id.detach(), self.exp.detach(), self.angles.detach(), self.contour,
+                                            current=current)
+        jaw = self.lmk_ids[:, :17]
+        self._jaw_basis = (
+            model.mean_shape[jaw],  # (B, 17, 3)
+            model.id_basis[:, jaw].permute(1, 0, 2, 3).reshape(self.batch, model.layout.n_id, -1),
+            model.exp_basis[:, jaw].permute(1, 0, 2, 3).reshape(self.batch, model.layout.n_exp, -1),
+        )
 
     # -- parameters
     def trans(self) -> torch.Tensor:
@@ -395,9 +557,19 @@ class _Problem:
 
     # -- losses
     def landmark_vertices(self) -> torch.Tensor:
-        """(B, 68, 3) model-space landmark vertices (only those are evaluated)."""
-        offsets = self.id @ self.lmk_id + self.exp @ self.lmk_exp
-        return self.lmk_mean + offsets.reshape(self.batch, 68, 3)
+        """(B, 68, 3) model-space landmark vertices (only those are evaluated; the jaw's per face once slid)."""
+        if self._jaw_basis is None:
+            offsets = self.id @ self.lmk_id + self.exp @ self.lmk_exp
+            return self.lmk_mean + offsets.reshape(self.batch, 68, 3)
+        offsets = self.id @ self.lmk_id[:, 51:] + self.exp @ self.lmk_exp[:, 51:]
+        inner = self.lmk_mean[17:] + offsets.reshape(self.batch, 51, 3)
+        mean, id_basis, exp_basis = self._jaw_basis
+        jaw_offsets = torch.einsum("bk,bkn->bn", self.id, id_basis) + torch.einsum("bk,bkn->bn", self.exp, exp_basis)
+        return torch.cat([mean + jaw_offsets.reshape(self.batch, 17, 3), inner], 1)
+
+    def fitted_landmarks(self, screen: torch.Tensor) -> torch.Tensor:
+        """(B, 68, 2) the landmark vertices' (per face) screen positions from full-mesh screen vertices (B, V, 3)."""
+        return screen[..., :2].gather(1, self.lmk_ids[..., None].expand(-1, -1, 2))
 
     def project(self, vertices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Screen vertices (B, N, 3) and the rotation (B, 3, 3)."""
@@ -661,13 +833,24 @@ def _fit(
     steps: dict[str, int] = {}
     history: dict[str, list[float]] = {}
 
+    contour_every = max(int(settings.contour_every), 1)
+    sliding = {"on": False, "step": 0}
+
+    def slide() -> None:
+        """Every ``contour_every`` calls once sliding is on: the jaw landmarks move to the silhouette."""
+        if sliding["on"] and sliding["step"] % contour_every == 0:
+            problem.update_contour()
+        sliding["step"] += 1
+
     def landmark_closure() -> torch.Tensor:
+        slide()
         projected, _ = problem.project(problem.landmark_vertices())
         return settings.w_landmark * problem.landmark_loss(projected[..., :2]) + problem.regularisers()
 
     p = problem
     rigid = [{"params": [p.angles], "lr": settings.lr_angles}, {"params": [p.trans_cm], "lr": settings.lr_trans_cm * 5}]
     steps["rigid"] = _run_stage("rigid", rigid, landmark_closure, p.project_clamp, settings.rigid_steps, settings, history)
+    sliding["on"] = p.contour is not None  # after the rigid stage: the pose is known
     shape_params = [
         {"params": [p.angles], "lr": settings.lr_angles},
         {"params": [p.trans_cm], "lr": settings.lr_trans_cm},
@@ -691,6 +874,7 @@ def _fit(
             screen, normals = p.region_geometry()
             if update:
                 p.update_lighting_and_albedo(screen.detach(), normals.detach(), region)
+            slide()  # on its own cadence (contour_every)
             colours = p.vertex_colours(normals, region)
             lmk_screen = p.project(p.landmark_vertices())[0][..., :2]
             refresh = index % max(settings.rasterize_every, 1) == 0
@@ -708,7 +892,8 @@ def _fit(
         screen, normals, _ = p.full_geometry()
         if photometric:
             p.update_lighting_and_albedo(screen, normals)
-        fitted = screen[:, model.lmk68, :2]
+        p.update_contour()  # the final pose's silhouette (sliding fits)
+        fitted = p.fitted_landmarks(screen)
         losses = {
             "landmark": p.landmark_loss(fitted),
             "landmark_nme": landmark_nme(fitted, p.landmarks),
@@ -721,6 +906,9 @@ def _fit(
         if photometric:
             total = total + settings.w_photometric * losses["photometric"]
         losses["total"] = total
+        if settings.silhouette_landmarks and p.contour is None:  # output: the jaw on the fitted silhouette
+            p.lmk_ids = contour_landmark_ids(model, p.id.detach(), p.exp.detach(), p.angles.detach())
+            fitted = p.fitted_landmarks(screen)
         overlay = render_overlay(model, p, screen, normals, fragments=fragments)
     return FitResult(
         coefficients=p.coefficients().cpu(),
@@ -813,7 +1001,7 @@ def render_overlay(
         visible = (normals[..., 2] > 0).cpu().numpy() & model.face_mask.cpu().numpy()[None]
         tris = model.triangles.cpu().numpy()
         out = np.stack([_wireframe(out[b], screen[b, :, :2].cpu().numpy(), tris, visible[b]) for b in range(len(out))])
-    fitted = screen[:, model.lmk68, :2].cpu().numpy()
+    fitted = problem.fitted_landmarks(screen).cpu().numpy()
     target = problem.landmarks.cpu().numpy()
     for b in range(out.shape[0]):
         canvas = np.ascontiguousarray(out[b])

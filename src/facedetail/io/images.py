@@ -43,6 +43,9 @@ _IMAGE_SIGNATURES: tuple[bytes, ...] = (
     b"MM\x00*",  # TIFF big endian
     b"GIF87a",
     b"GIF89a",
+    b"\x00\x00\x01\x00",  # ICO
+    b"\x00\x00\x02\x00",  # CUR
+    *(b"P%d" % k for k in range(1, 8)),  # PBM/PGM/PPM (P1-P6), PAM (P7)
 )
 
 _GRAYSCALE_MODES = {"1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "I;16N", "F", "La"}
@@ -74,6 +77,7 @@ class LoadedImage:
         exif_transposed: an EXIF orientation other than "normal" was applied.
         source_mode: the PIL mode of the source (e.g. ``RGB``, ``L``, ``I;16``, ``RGBA``, ``P``).
         source_format: the PIL format name (e.g. ``JPEG``, ``PNG``).
+        frames: frames (animation) or pages (multi-page TIFF) of the file; only the FIRST one is decoded.
     """
 
     rgb: np.ndarray
@@ -83,6 +87,12 @@ class LoadedImage:
     exif_transposed: bool
     source_mode: str
     source_format: str
+    frames: int = 1
+
+    @property
+    def frames_note(self) -> str:
+        """``""`` for a single-frame file, else a sentence for report rows (the first frame was used)."""
+        return "" if self.frames <= 1 else f"first of {self.frames} frames used"
 
     @property
     def width(self) -> int:
@@ -128,7 +138,8 @@ def _os_error_reason(path: Path, error: OSError) -> str:
 
 
 def _looks_like_image(data: bytes) -> bool:
-    """True when ``data`` starts like one of the image formats we know (JPEG, PNG, BMP, TIFF, GIF, WebP)."""
+    """True when ``data`` starts like one of the image formats we know (JPEG, PNG, BMP, TIFF, GIF, WebP, ICO,
+    PBM/PGM/PPM)."""
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         return True
     return any(data.startswith(signature) for signature in _IMAGE_SIGNATURES)
@@ -214,7 +225,8 @@ def read_image(source: str | Path | bytes, *, max_pixels: int = DEFAULT_MAX_PIXE
         if _looks_like_image(data):
             raise ImageReadError(f"{name}: image header is corrupt and cannot be decoded ({error})") from error
         raise ImageReadError(
-            f"{name}: not an image (first bytes {data[:8]!r}); expected JPEG, PNG, BMP, WebP or TIFF",
+            f"{name}: not an image (first bytes {data[:8]!r}); expected a format Pillow reads (JPEG, PNG, BMP, "
+            "WebP, TIFF, GIF, PPM/PGM/PBM, ICO, ...)",
             status="not_an_image",
         ) from error
     except Exception as error:  # noqa: BLE001 - PIL raises many types for broken headers
@@ -231,6 +243,12 @@ def read_image(source: str | Path | bytes, *, max_pixels: int = DEFAULT_MAX_PIXE
         raise ImageReadError(f"{name}: image has zero size {width}x{height}")
     source_mode, source_format = image.mode, image.format or "unknown"
     try:
+        frames = max(1, int(getattr(image, "n_frames", 1) or 1))
+    except Exception:  # noqa: BLE001 - counting frames of a broken animation must not lose its first frame
+        frames = 1
+    try:
+        if frames > 1:
+            image.seek(0)
         image.load()
         orientation = image.getexif().get(0x0112, 1)
         # exif_transpose copies the image; skip it for the (common) upright case to spare memory on huge photos
@@ -248,7 +266,17 @@ def read_image(source: str | Path | bytes, *, max_pixels: int = DEFAULT_MAX_PIXE
         exif_transposed=orientation not in (None, 1),
         source_mode=source_mode,
         source_format=source_format,
+        frames=frames,
     )
+
+
+def is_image_file(path: str | Path) -> bool:
+    """True when Pillow recognises the file's content as an image (reads the header only; False on any error)."""
+    try:
+        with Image.open(path):
+            return True
+    except Exception:  # noqa: BLE001 - not an image, unreadable, a directory, ...
+        return False
 
 
 def load_image_rgb(source: str | Path | bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:

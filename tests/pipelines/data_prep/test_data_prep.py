@@ -228,7 +228,7 @@ def _write_raw_folder(folder: Path) -> None:
     ys, xs = np.mgrid[0:300, 0:400]
     (folder / "no_face.png").write_bytes(_png(Image.fromarray(((xs + ys) % 256).astype(np.uint8))))
     (folder / "tiny.bmp").write_bytes(_png(Image.fromarray(astronaut[::32, ::32].copy())))  # PNG bytes, .bmp name
-    (folder / "readme.txt").write_text("not an image extension: ignored\n")
+    (folder / "readme.txt").write_text("not an image: it still gets its row (images are known by content)\n")
 
 
 EXPECTED_STATUS = {
@@ -245,6 +245,7 @@ EXPECTED_STATUS = {
     "notes.jpg": "not_an_image",
     "no_face.png": "no_face",
     "tiny.bmp": "too_small",
+    "readme.txt": "not_an_image",
 }
 
 
@@ -292,7 +293,7 @@ def _latest(folder: Path, name: str) -> Path:
 def test_kedro_run_writes_manifest_rows_with_reasons(kedro_run):
     project, _ = kedro_run
     manifest = pd.read_parquet(_latest(project / "data" / "03_primary", "face_manifest.parquet"))
-    assert set(manifest["image"]) == set(EXPECTED_STATUS)  # readme.txt is ignored, nothing else is lost
+    assert set(manifest["image"]) == set(EXPECTED_STATUS)  # readme.txt has its row too: nothing is lost
     first_rows = manifest.drop_duplicates("image").set_index("image")
     assert first_rows["status"].to_dict() == EXPECTED_STATUS
     assert (manifest["reason"].str.len() > 0).all()

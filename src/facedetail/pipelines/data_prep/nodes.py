@@ -33,24 +33,36 @@ def _source_path(partition_id: str, loader: Callable[[], bytes]) -> str:
 def select_image_partitions(
     partitions: dict[str, Callable[[], bytes]], extensions: list[str], folder_hint: str = "the raw faces folder"
 ) -> dict[str, Callable[[], bytes]]:
-    """Keep partitions whose file name ends with one of ``extensions`` (any case), sorted by id.
+    """EVERY partition, sorted by id: images are recognised by content when read, and a file that is not an image
+    gets its manifest row (``not_an_image``) like any other failure. ``extensions`` only spares a look inside
+    (Pillow reads the header) while checking that the folder holds at least one image.
 
     Raises:
-        ValueError: when no partition has an image extension (an empty folder is an error, not a no-op).
+        ValueError: when no partition is an image by extension or content (an empty folder is an error, not a no-op).
     """
-    wanted = tuple(ext.lower() if ext.startswith(".") else f".{ext.lower()}" for ext in extensions)
-    selected = {pid: partitions[pid] for pid in sorted(partitions) if pid.lower().endswith(wanted)}
-    ignored = sorted(set(partitions) - set(selected))
-    if ignored:
-        logger.info("data_prep ignores %d file(s) without an image extension: %s", len(ignored), ignored[:10])
-    if not selected:
+    from facedetail.engine.inputs import looks_like_image
+
+    selected = {pid: partitions[pid] for pid in sorted(partitions)}
+    if not any(looks_like_image(pid, extensions, _source_path(pid, loader)) for pid, loader in selected.items()):
         example = next(iter(partitions.values()), None)
         where = str(PurePosixPath(_source_path("", example)).parent) if example else folder_hint
         raise ValueError(
-            f"data_prep found no images in '{where}' ({len(partitions)} file(s), none ending in "
-            f"{', '.join(wanted)}); put photos there or point FACEDETAIL_RAW_FACES at a folder of images"
+            f"data_prep found no images in '{where}' ({len(partitions)} file(s), none of them an image Pillow can "
+            "read); put photos there or point FACEDETAIL_RAW_FACES at a folder of images"
         )
     return selected
+
+
+def _as_bool(value: Any) -> Any:
+    """A manifest flag as True/False, or ``pd.NA`` when unknown (rows of files that are not images; cached reports
+    may hand the flags back as numpy bools, strings or None)."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    if isinstance(value, (int, np.integer)) and value in (0, 1):
+        return bool(value)
+    return pd.NA
 
 
 def make_face_ids(partition_ids: list[str]) -> dict[str, str]:
@@ -84,10 +96,10 @@ def detect_and_align_faces(
     aligned, report = run_face_stage(stage, shards, execution, meta={"crop_size": int(params["alignment"]["crop_size"])})
     manifest = pd.DataFrame(report.to_dict("records") if len(report) else [], columns=MANIFEST_COLUMNS)
     manifest = manifest.replace({None: pd.NA}) if len(manifest) else manifest
-    for column in ("image_width", "image_height", "bit_depth"):
+    for column in ("image_width", "image_height", "bit_depth", "frames"):
         manifest[column] = pd.to_numeric(manifest[column], errors="coerce").astype("Int64")
     for column in ("grayscale", "had_alpha", "exif_transposed"):
-        manifest[column] = manifest[column].astype("boolean")
+        manifest[column] = pd.array([_as_bool(value) for value in manifest[column]], dtype="boolean")
     for column in ("score", "detection_scale"):
         manifest[column] = pd.to_numeric(manifest[column], errors="coerce").astype(float)
     statuses = manifest.drop_duplicates("image")["status"].value_counts().to_dict() if len(manifest) else {}
@@ -128,6 +140,7 @@ def summarise_manifest(face_manifest: pd.DataFrame) -> tuple[dict[str, dict[str,
     report = face_manifest.copy()
     for column in ("bbox", "landmarks5", "trans_params"):
         report[column] = [
-            "" if values is None else " ".join(f"{float(v):.3f}" for v in values) for values in report[column]
+            " ".join(f"{float(v):.3f}" for v in values) if isinstance(values, (list, tuple, np.ndarray)) else ""
+            for values in report[column]
         ]
     return metrics, report

@@ -9,7 +9,7 @@ import pandas as pd
 
 from facedetail.engine.export import export_face
 from facedetail.engine.fitter import REPORT_COLUMNS
-from facedetail.engine.inputs import select_image_names
+from facedetail.engine.inputs import looks_like_image
 from facedetail.engine.reconstructor import Reconstructor
 
 logger = logging.getLogger(__name__)
@@ -19,17 +19,21 @@ FILE_COLUMNS = ["json", "coarse_obj", "detail_obj", "texture", "displacement_png
 
 
 def select_images(partitions: dict[str, Callable[[], bytes]], extensions: list[str]) -> dict[str, Callable[[], bytes]]:
-    """Partitions whose name ends with an image extension (any case), sorted by id.
+    """EVERY partition, sorted by id (images are recognised by content; a non-image gets its report row).
 
     Raises:
-        ValueError: none does (an empty or wrong folder is an error, not a silent no-op).
+        ValueError: no partition is an image by extension or content (an empty or wrong folder is an error).
     """
-    selected = select_image_names(partitions, extensions)
-    if not selected:
-        wanted = tuple(e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions)
+    selected = {name: partitions[name] for name in sorted(partitions)}
+
+    def path_of(loader: Callable[[], bytes]) -> str | None:
+        path = getattr(getattr(loader, "__self__", None), "filepath", None)
+        return None if path is None else str(path)
+
+    if not any(looks_like_image(name, extensions, path_of(loader)) for name, loader in selected.items()):
         raise ValueError(
-            f"inference found no images ({len(partitions)} file(s), none ending in {', '.join(wanted)}); put photos in "
-            "data/01_raw/faces or point FACEDETAIL_INFERENCE_IMAGES at a folder of images"
+            f"inference found no images ({len(partitions)} file(s), none of them an image Pillow can read); put "
+            "photos in data/01_raw/faces or point FACEDETAIL_INFERENCE_IMAGES at a folder of images"
         )
     return selected
 

