@@ -110,7 +110,26 @@ class DatasetLineageHooks:
 
 
 class ExecutionHooks:
-    """Stop the run's Dask cluster when the run ends."""
+    """Stop the run's Dask cluster after its last per-face stage (and in any case when the run ends)."""
+
+    #: Tags of the nodes that run shard stages on the cluster.
+    STAGE_TAGS = frozenset({"data_prep", "estimation", "uv_maps"})
+
+    def __init__(self) -> None:
+        self._pending: set[str] = set()
+
+    @hook_impl
+    def before_pipeline_run(self, run_params: dict[str, Any], pipeline: Any, catalog: Any) -> None:
+        self._pending = {node.name for node in pipeline.nodes if node.tags & self.STAGE_TAGS}
+
+    @hook_impl
+    def after_node_run(self, node: Any) -> None:
+        if node.name in self._pending:
+            self._pending.discard(node.name)
+            if not self._pending:
+                from facedetail.data.execution import close_executors
+
+                close_executors()
 
     @hook_impl
     def after_pipeline_run(self) -> None:

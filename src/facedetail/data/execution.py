@@ -9,7 +9,8 @@ Settings (``parameters.yml`` -> ``execution``)::
       retries: 2                 # a task whose worker died is retried this often by Dask
 
 ``local`` starts a :class:`distributed.LocalCluster` sized to the machine on first use and stops
-it when the run ends (:func:`close_executors`, called by the project's Kedro hook); an address
+it after the run's last per-face stage (:func:`close_executors`, called by the project's Kedro
+hook), so training does not share the machine's memory with idle workers; an address
 connects to an existing cluster whose workers have ``facedetail`` installed; ``synchronous`` runs
 every task in the calling process (tests, debugging, one-shard runs).
 """
@@ -138,9 +139,6 @@ def run_face_stage(stage: ShardStage, shards: list[ShardInput], settings: Mappin
     from facedetail.data.stages import run_stage
 
     def executor(todo: int) -> Executor:
-        # A local cluster costs seconds to start and its workers load their own models: not for one shard.
-        if todo < 2 and str(settings.get("scheduler", "local")) == "local":
-            return get_executor({**settings, "scheduler": "synchronous"})
         return get_executor(settings)
 
     return run_stage(stage, shards, settings.get("work_dir", "data/02_intermediate/shard_work"), executor, meta)

@@ -99,9 +99,14 @@ class ShardStage:
 
 
 def stage_state(stage: ShardStage) -> Any:
-    """The stage's loaded models in this process, set up on first use."""
+    """The stage's loaded models in this process, set up on first use.
+
+    A process holds the models of one stage at a time: the stages run one after the other, so a
+    worker's memory is one stage's models plus one shard, whatever the number of faces.
+    """
     key = (stage.name, stage.key)
     if key not in _STATE:
+        clear_stage_state()
         _STATE[key] = stage.setup()
     return _STATE[key]
 
@@ -116,6 +121,9 @@ def clear_stage_state() -> None:
                 except Exception:  # noqa: BLE001 - closing is best effort
                     pass
     _STATE.clear()
+    import gc
+
+    gc.collect()
 
 
 def task_key(stage: ShardStage, shard: ShardInput) -> str:
