@@ -84,8 +84,8 @@ def export_face(rec: FaceReconstruction, out_dir: str | os.PathLike, face_model:
     """Write every per-face file of ``facedetail reconstruct`` into ``out_dir``.
 
     Files (``<id>`` = ``rec.face_id``): ``<id>_coarse.obj`` (+ ``.mtl``, ``<id>_texture.png``), ``<id>_detail.obj``
-    (+ ``.mtl``; dense UV-grid mesh with UVs, displacement along the normals), ``<id>_displacement.png`` (16-bit)
-    + ``<id>_displacement.png.json``, ``<id>_normals.png`` (detailed model-frame normals, n·0.5+0.5),
+    (+ ``.mtl``; dense UV-grid mesh with UVs, displacement along the normals), ``<id>_displacement.png`` (16-bit, at the
+    export size like the normal map and the dense mesh) + ``<id>_displacement.png.json``, ``<id>_normals.png`` (detailed model-frame normals, n·0.5+0.5),
     ``<id>_coefficients.npz``, ``<id>_strip.png`` (input | aligned | coarse | detailed | shape-only) and
     ``<id>.json``. Meshes are in the model frame (y up) and the model's units.
 
@@ -109,7 +109,10 @@ def export_face(rec: FaceReconstruction, out_dir: str | os.PathLike, face_model:
         texture=rec.export_texture, units=units, texture_filename=texture_name,
     )
     written.update(detail_obj=str(detail["obj"]), detail_mtl=str(detail["mtl"]))
-    displacement = write_displacement_png16(out / f"{face_id}_displacement.png", rec.displacement, rec.uv_valid, units=units)
+    # the export-size map (what the detail OBJ and normal map were built from); the model-size one for older records
+    full_size = rec.export_displacement is not None
+    displacement = write_displacement_png16(out / f"{face_id}_displacement.png", rec.export_displacement if full_size else rec.displacement,
+                                            rec.export_valid if full_size else rec.uv_valid, units=units)
     written.update(displacement_png=displacement["png"], displacement_json=displacement["json"])
     written["normals_png"] = str(write_normal_map_png(out / f"{face_id}_normals.png", rec.detailed_normals, rec.export_valid))
     blocks = face_model.layout.split(torch.as_tensor(np.asarray(rec.coefficients, np.float32))[None])
@@ -130,6 +133,7 @@ def export_face(rec: FaceReconstruction, out_dir: str | os.PathLike, face_model:
     written["strip_png"] = str(strip_path)
     data = face_json(rec, face_model)
     data["uv_size"] = int(np.asarray(rec.displacement).shape[-1])
+    data["export_size"] = int(np.asarray(rec.detailed_positions).shape[-1])
     data["units"] = units
     json_path = out / f"{face_id}.json"
     written["json"] = str(json_path)
