@@ -51,6 +51,7 @@ from PIL import Image  # noqa: E402
 
 from facedetail.data.faces import FaceTensors  # noqa: E402
 from facedetail.geometry.face_model import FaceModel, load_face_model_from_params  # noqa: E402
+from facedetail.geometry.detail import masked_blur  # noqa: E402
 from facedetail.geometry.face_uv import as_generator_tensors, face_uv_maps, generator_inputs  # noqa: E402
 from facedetail.geometry.wrinkles import (  # noqa: E402
     WrinkleStyle, normal_angle_degrees, sample_styles, wrinkle_displacement, wrinkle_drivers, wrinkle_patterns,
@@ -127,8 +128,14 @@ def face_region_uv(renderer: DetailRenderer) -> torch.Tensor:
 
 
 @torch.no_grad()
-def build_dataset(face_model: FaceModel, fits: dict[str, np.ndarray], uv_size: int, expressions: int, seed: int) -> dict[str, Any]:
-    """Synthetic training/evaluation faces (module docstring). Returns tensors indexed by variant."""
+def build_dataset(face_model: FaceModel, fits: dict[str, np.ndarray], uv_size: int, expressions: int, seed: int,
+                  albedo_sigma: float = 4.0) -> dict[str, Any]:
+    """Synthetic training/evaluation faces (module docstring). Returns tensors indexed by variant.
+
+    ``albedo_sigma``: extra low-pass (texels) of the photo's de-lit albedo used to render the synthetic photos;
+    0 keeps its fine detail, which the generator then also tries to explain with geometry (albedo/shape
+    ambiguity, measured separately from geometry recovery).
+    """
     renderer = DetailRenderer(face_model, uv_size, 224)
     exp_slice = face_model.layout.slices["exp"]
     styles = sample_styles(len(fits["face_ids"]), seed)
@@ -140,6 +147,8 @@ def build_dataset(face_model: FaceModel, fits: dict[str, np.ndarray], uv_size: i
         photo = torch.from_numpy(fits["aligned"][i]).permute(2, 0, 1)[None].float() / 255.0
         maps = face_uv_maps(face_model, coefficients, photo, uv_size)
         albedo = renderer.prepare(coefficients, maps["uv_textures"], maps["texture_valid"]).albedo_map
+        if albedo_sigma > 0:  # a smooth skin: the trainer's de-lit, low-passed albedo can then reproduce it
+            albedo = masked_blur(albedo, renderer.uv_valid, albedo_sigma)
         variants = coefficients.repeat(expressions, 1)
         variants[:, exp_slice] = sample_expressions(face_model, coefficients[:, exp_slice], expressions, rng)
         scene = renderer.prepare(variants, maps["uv_textures"].expand(expressions, -1, -1, -1),
@@ -245,19 +254,22 @@ def evaluate(trainer: DetailTrainer, data: dict[str, Any], index: np.ndarray) ->
     metrics["targets_met"] = bool(metrics["normal_error_ratio"] <= 0.5 and metrics["retarget_over_detailed"] <= 1.5)
     metrics["heldout_variants"] = len(index)
     metrics["retarget_variants"] = len(retarget_rows)
+    shown = torch.full_like(drivers, -1.0)
+    shown[r] = drivers[r]  # the pictures show re-targeted variants (most wrinkled first)
     pictures = {"gt": gt, "predicted": predicted, "retarget": retarget_pred, "images": data["images"][idx],
-                "coarse": data["coarse"][idx], "drivers": drivers}
+                "coarse": data["coarse"][idx], "drivers": shown}
     return metrics, pictures
 
 
 def save_pictures(pictures: dict[str, torch.Tensor], path: Path, rows: int = 6) -> Path:
-    """Grid: photo | coarse render | GT displacement | predicted | re-targeted prediction (one shared colour scale)."""
+    """Grid: photo | coarse render | GT displacement | predicted from this photo | predicted from the same face's
+    other photo's embedding under this expression (re-targeted); one colour scale per row (the GT's)."""
     order = torch.argsort(pictures["drivers"], descending=True)[:rows]
-    scale = float(pictures["gt"][order].abs().amax().clamp_min(1e-6))
+    scale = pictures["gt"][order].abs().flatten(1).amax(1).clamp_min(1e-6).view(-1, 1, 1, 1)
+
     def colour(d: torch.Tensor) -> torch.Tensor:
-        x = torch.cat([d, torch.full_like(d[:, :, :1, :1], scale).expand_as(d)[:, :, :1]], 2)  # pin the scale
-        c = colorize_displacement(x)[:, :, : d.shape[2]]
-        return torch.nn.functional.interpolate(c, size=(224, 224), mode="nearest")
+        c = colorize_displacement(torch.cat([(d / scale).clamp(-1, 1), torch.ones_like(d[:, :, :1])], 2))  # pin the scale
+        return torch.nn.functional.interpolate(c[:, :, : d.shape[2]], size=(224, 224), mode="nearest")
     tiles = [pictures["images"][order].float() / 255, pictures["coarse"][order].float() / 255,
              colour(pictures["gt"][order]), colour(pictures["predicted"][order]), colour(pictures["retarget"][order])]
     grid = torch.cat([torch.cat([t[i] for t in tiles], 2) for i in range(len(order))], 1)
@@ -291,6 +303,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--faces", type=int, default=60, help="at most this many fitted faces")
     parser.add_argument("--heldout", type=float, default=0.25, help="fraction of the photos held out")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--albedo-sigma", type=float, default=4.0, help="extra albedo low-pass of the synthetic photos (texels)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work-dir", default=str(Path(tempfile.gettempdir()) / "facedetail_detail_recovery"))
     parser.add_argument("--out", default=str(REPO_ROOT / "data" / "08_reporting" / "detail_recovery"))
@@ -303,7 +316,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     params = project_params()
     face_model = load_face_model_from_params(params["face_model"], "cpu")
     fits = load_fits(params, work, args.faces)
-    data = build_dataset(face_model, fits, args.uv_size, args.expressions, args.seed)
+    data = build_dataset(face_model, fits, args.uv_size, args.expressions, args.seed, args.albedo_sigma)
     n_people = len(fits["face_ids"])
     people = np.random.default_rng(args.seed).permutation(n_people)
     heldout_people = set(people[: max(1, int(round(args.heldout * n_people)))].tolist())
@@ -332,7 +345,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     last = result.history[-1] if result.history else {}
     summary = {
         "variant": args.variant, "steps": args.steps, "uv_size": args.uv_size, "photos": n_people,
-        "expressions": args.expressions, "train_variants": len(train_index), "heldout_variants": len(test_index),
+        "expressions": args.expressions, "albedo_sigma": args.albedo_sigma, "train_variants": len(train_index), "heldout_variants": len(test_index),
         "loss_weights": config["loss_weights"], "detail_regularization": config["detail_regularization"],
         "heldout": metrics, "train": {k: train_metrics[k] for k in ("coarse", "detailed", "normal_error_ratio")},
         "final_losses": {k: v for k, v in last.items() if k.startswith("loss_")},
