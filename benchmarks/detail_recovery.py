@@ -56,6 +56,7 @@ from facedetail.geometry.face_uv import as_generator_tensors, face_uv_maps, gene
 from facedetail.geometry.wrinkles import (  # noqa: E402
     WrinkleStyle, normal_angle_degrees, sample_styles, wrinkle_displacement, wrinkle_drivers, wrinkle_patterns,
 )
+from facedetail.losses.photometric import masked_photometric_loss  # noqa: E402
 from facedetail.render.detail import DetailRenderer, UVSurface  # noqa: E402
 from facedetail.training.loop import DetailTrainer, colorize_displacement  # noqa: E402
 
@@ -69,6 +70,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "photometric": {"loss_weights": {"photometric": 1.0, "perceptual": 0.0, "adversarial": 0.0}},
     "paper": {"loss_weights": {"photometric": 1.0, "perceptual": 0.2, "adversarial": 0.01}},
     "uv_photometric": {"loss_weights": {"photometric": 1.0, "uv_photometric": 1.0, "perceptual": 0.0, "adversarial": 0.0}},
+    "uv_photometric_reg": {"loss_weights": {"photometric": 1.0, "uv_photometric": 1.0, "perceptual": 0.0, "adversarial": 0.0},
+                           "detail_regularization": {"start": 1.0, "end": 0.05, "decay_steps": 300, "kind": "exponential"}},
     "photometric_noreg": {"loss_weights": {"photometric": 1.0, "perceptual": 0.0, "adversarial": 0.0},
                           "detail_regularization": {"start": 0.0, "end": 0.0, "decay_steps": 1, "kind": "constant"}},
 }
@@ -249,6 +252,12 @@ def evaluate(trainer: DetailTrainer, data: dict[str, Any], index: np.ndarray) ->
     pools["retarget_coarse_zone"].add(torch.zeros_like(gt[r]), gt[r], sub.normal_map, gt_normals[r], zone[r])
     pools["retarget_zone"].add(retarget_pred[r], gt[r], rt_normals, gt_normals[r], zone[r])
     metrics = {name: pool.result(mm) for name, pool in pools.items()}
+    # is the ground truth what the training loss prefers? the image-space photometric loss (trainer's albedo)
+    scene = renderer.prepare(data["coefficients"][idx], data["uv_textures"][idx], data["texture_valid"][idx])
+    photos = data["images"][idx].float() / 255
+    metrics["photometric"] = {
+        name: float(masked_photometric_loss(renderer.render(scene, renderer.detailed_maps(scene, d)[1]), photos, scene.render_mask))
+        for name, d in (("coarse", torch.zeros_like(gt)), ("ground_truth", gt), ("detailed", predicted))}
     metrics["normal_error_ratio"] = metrics["detailed"]["normal_error_deg"] / max(metrics["coarse"]["normal_error_deg"], 1e-9)
     metrics["retarget_over_detailed"] = metrics["retarget"]["normal_error_deg"] / max(metrics["detailed"]["normal_error_deg"], 1e-9)
     metrics["targets_met"] = bool(metrics["normal_error_ratio"] <= 0.5 and metrics["retarget_over_detailed"] <= 1.5)
@@ -360,6 +369,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"  detailed/coarse normal error {h['normal_error_ratio']:.2f} (target <= 0.5); "
           f"re-targeted/detailed {h['retarget_over_detailed']:.2f} (target <= 1.5); train detailed/coarse "
           f"{train_metrics['normal_error_ratio']:.2f}")
+    print("  held-out photometric loss (coarse / ground-truth displacement / predicted): "
+          + " / ".join(f"{h['photometric'][k]:.5f}" for k in ("coarse", "ground_truth", "detailed")))
     print(json.dumps({k: v for k, v in summary.items() if k != "loss_weights"}), flush=True)
     return summary
 
