@@ -9,8 +9,8 @@ Data (made here, cached in ``--work-dir``):
 3. per photo ``--expressions`` expression variants (the fit's expression with random brow raise / squint / smile
    intensities, some neutral): ground-truth displacement = :func:`wrinkle_displacement` (0 at neutral, depth
    linear in the driving blendshapes, 0.3-1 mm at full intensity), "photo" = the project's detailed render
-   (:class:`~facedetail.render.detail.DetailRenderer`, the fit's SH lighting and albedo) composited over the real
-   photo outside the face; the generator's inputs are made from that photo by ``generator_inputs`` exactly as in
+   (:class:`~facedetail.render.detail.DetailRenderer`, the fit's SH lighting and a smoothed de-lit albedo, see
+   ``--albedo-sigma``) of the whole mesh composited over the real photo outside it; the generator's inputs are made from that photo by ``generator_inputs`` exactly as in
    the pipelines.
 
 Photos (identities) are split into train / held-out. ``DetailTrainer`` trains on the train faces' variants
@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -58,6 +59,7 @@ from facedetail.geometry.wrinkles import (  # noqa: E402
 )
 from facedetail.losses.photometric import masked_photometric_loss  # noqa: E402
 from facedetail.render.detail import DetailRenderer, UVSurface  # noqa: E402
+from facedetail.render.rasterizer import rasterize  # noqa: E402
 from facedetail.training.loop import DetailTrainer, colorize_displacement  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -161,6 +163,10 @@ def build_dataset(face_model: FaceModel, fits: dict[str, np.ndarray], uv_size: i
         gt = wrinkle_displacement(face_model, [styles[i]] * expressions, variants[:, exp_slice], uv_size,
                                   patterns=pattern[None].expand(expressions, -1, -1, -1)) * renderer.uv_valid
         _, gt_normals = renderer.detailed_maps(scene, gt)
+        # the whole mesh is rendered (eye caps and mouth included, not only the face region), so no sharp real-photo
+        # pixel borders the skin: the trainer's low-passed de-lit albedo can then reproduce the smooth skin
+        cover = rasterize(renderer.coarse_mesh(variants)["screen"], face_model.triangles, 224, backend=renderer.backend).mask
+        scene = dataclasses.replace(scene, render_mask=cover[:, None].to(photo.dtype))
         render = renderer.render(scene, gt_normals)
         coarse = renderer.render(scene, scene.normal_map)
         images = scene.render_mask * render + (1 - scene.render_mask) * photo
