@@ -26,7 +26,7 @@ Target (issue 12): detailed normal error <= 50% of coarse on held-out faces, re-
 Pictures (photo | coarse | GT displacement | predicted | re-targeted GT | re-targeted prediction) and a JSON of
 the numbers go to ``--out``. The LAST line printed is the JSON summary.
 
-Usage (repository root; about 5-10 min on 2 busy cores)::
+Usage (repository root; 5-12 min on 2 busy cores: data 1-5 min, 300 steps 2.5-5.5 min)::
 
     PYTHONPATH=src python benchmarks/detail_recovery.py [--variant photometric] [--steps 300] [--uv-size 64]
 """
@@ -61,6 +61,7 @@ from facedetail.losses.photometric import masked_photometric_loss  # noqa: E402
 from facedetail.render.detail import DetailRenderer, UVSurface  # noqa: E402
 from facedetail.render.rasterizer import rasterize  # noqa: E402
 from facedetail.training.loop import DetailTrainer, colorize_displacement  # noqa: E402
+from facedetail.utils import atomic_write_bytes  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PHOTO_ROOT = REPO_ROOT.parent / "shared" / "assets" / "faces"
@@ -367,7 +368,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "seconds": {"data": round(prepared, 1), "train": round(trained, 1), "total": round(time.perf_counter() - tic, 1)},
         "picture": str(picture),
     }
-    (out / f"detail_recovery_{args.variant}.json").write_text(json.dumps(summary, indent=1))
+    atomic_write_bytes(out / f"detail_recovery_{args.variant}.json", json.dumps(summary, indent=1).encode())
     h = metrics
     print(f"held-out ({len(test_index)} variants of {len(heldout_people)} photos), face region:")
     for name in ("coarse", "detailed", "retarget_coarse", "retarget", "coarse_zone", "detailed_zone"):
