@@ -221,10 +221,37 @@ def test_obj_files_load_in_trimesh_with_uvs(exported, reconstructor):
 @needs_assets
 def test_displacement_png_round_trips(exported, obama):
     decoded = read_displacement_png16(exported["displacement_png"])
-    values = obama.displacement.astype(np.float64)
+    values = obama.export_displacement.astype(np.float64)
     span = max(values.max(), 0.0) - min(values.min(), 0.0)
-    assert decoded.shape == values.shape and span > 0
+    assert decoded.shape == values.shape == (EXPORT_SIZE, EXPORT_SIZE) and span > 0
     assert np.abs(decoded - values).max() <= 1e-4 * span
+
+
+@needs_assets
+def test_exported_maps_have_the_export_size_and_match_the_detail_obj(exported, obama, reconstructor):
+    """Displacement PNG, normal PNG and dense OBJ are all at the export size and describe one surface:
+    OBJ vertices = coarse UV surface + (decoded displacement PNG) x coarse normal, texel for texel."""
+    import cv2
+    from scipy.spatial import cKDTree
+
+    E = EXPORT_SIZE
+    decoded = read_displacement_png16(exported["displacement_png"])
+    assert decoded.shape == (E, E) and cv2.imread(exported["normals_png"]).shape == (E, E, 3)
+    assert json.loads(Path(exported["json"]).read_text())["export_size"] == E
+    # the upsampled map is a smooth version of the model-size one: same range, same mean over the layout
+    low = obama.displacement[obama.uv_valid]
+    high = obama.export_displacement[obama.export_valid]
+    assert abs(high.mean() - low.mean()) < 0.1 * np.abs(low).max() and np.abs(high).max() < 1.3 * np.abs(low).max()
+    assert np.all(obama.export_displacement[~obama.export_valid] == 0)
+    # the dense OBJ's vertices are the coarse export surface displaced by the PNG's values
+    renderer = reconstructor.export_renderer
+    surface = renderer.surface(torch.from_numpy(obama.coarse_vertices)[None], torch.from_numpy(obama.coarse_normals)[None])
+    rebuilt = (surface.position_map + torch.from_numpy(decoded).float()[None, None] * surface.normal_map)[0].numpy()
+    np.testing.assert_allclose(rebuilt[:, obama.export_valid], obama.detailed_positions[:, obama.export_valid], atol=1e-4)
+    obj_vertices = np.array([[float(x) for x in line.split()[1:4]] for line in Path(exported["detail_obj"]).read_text().splitlines()
+                             if line.startswith("v ")])
+    distance, _ = cKDTree(rebuilt[:, obama.export_valid].T).query(obj_vertices)
+    assert len(obj_vertices) > 0.4 * E * E and distance.max() < 1e-3  # OBJ writes 6 decimals (model units, cm)
 
 
 @needs_assets

@@ -259,3 +259,28 @@ def test_concurrent_run_on_the_same_checkpoint_folder_fails_clearly(face_model, 
             trainer.fit(data)
     assert not list(folder.glob("step_*.pt"))  # the refused run wrote nothing
     assert trainer.fit(data).final_step == 6  # released: the next run trains
+
+
+def test_uv_photometric_term_is_optional_and_trains_the_generator(face_model, tmp_path):
+    """``loss_weights.uv_photometric`` > 0 adds the UV-space photometric term (off by default): the unwrapped
+    texture vs albedo x SH(detailed normals) over the visible face texels, with gradients into the generator."""
+    data = synthetic_faces(face_model)
+    off = DetailTrainer(face_model, None, tiny_config(tmp_path), UV, torch.device("cpu"))
+    terms, _ = off.losses(data, step=0)
+    assert "uv_photometric" not in terms
+    config = tiny_config(tmp_path)
+    config["loss_weights"] = {"photometric": 0.0, "uv_photometric": 1.0, "adversarial": 0.0}
+    trainer = DetailTrainer(face_model, None, config, UV, torch.device("cpu"))
+    assert 0.2 < float(trainer.uv_face_region.mean()) < 0.9  # the face region, not the whole UV square
+    # the term is the masked photometric loss of the UV render (albedo x SH(detailed normals)) vs the texture
+    from facedetail.render.shading import irradiance_map
+
+    scene = trainer.renderer.prepare(data.coefficients, data.uv_textures, data.texture_valid)
+    terms, extras = trainer.losses(data, step=0, scene=scene)
+    uv_render = (scene.albedo_map * irradiance_map(extras["detailed_normals"], scene.gamma)).clamp(0, 1)
+    expected = masked_photometric_loss(uv_render, data.uv_textures, data.texture_valid * trainer.uv_face_region)
+    torch.testing.assert_close(terms["uv_photometric"], expected)
+    assert float(terms["uv_photometric"]) > 0
+    terms["total"].backward()
+    grads = [p.grad for p in trainer.generator.drconv.parameters() if p.grad is not None]
+    assert grads and max(float(g.abs().max()) for g in grads) > 0

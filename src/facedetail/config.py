@@ -216,6 +216,7 @@ class LossWeightsParams(Section):
     photometric: NonNegativeFloat = 1.0
     perceptual: NonNegativeFloat = 0.0
     adversarial: NonNegativeFloat = 0.0
+    uv_photometric: NonNegativeFloat = 0.0  # DECA-style photometric term in UV space (training.loop); 0 = off
 
 
 class ScheduleParams(Section):

@@ -121,7 +121,8 @@ def export_face(rec: FaceReconstruction, out_dir: str | os.PathLike, face_model:
     * ``<id>_coarse.obj`` + ``.mtl`` (``map_Kd`` texture, ``norm``/``map_Bump`` tangent normal map, ``disp``
       displacement) + ``<id>_texture.png``;
     * ``<id>_detail.obj`` (+ ``.mtl``, ``map_Kd``): dense UV-grid mesh with UVs, displacement along the normals;
-    * ``<id>_displacement.png`` (16-bit) + ``<id>_displacement.png.json`` (scale/offset in ``units``);
+    * ``<id>_displacement.png`` (16-bit, at the export size like the normal maps and the dense mesh) +
+      ``<id>_displacement.png.json`` (scale/offset in ``units``);
     * ``<id>_normal_object.png``: detailed normals in object space (model frame x right, y up, z out of the
       face), ``n * 0.5 + 0.5``;
     * ``<id>_normal_tangent_opengl.png``: the same normals in the coarse mesh's tangent space, OpenGL
@@ -142,8 +143,11 @@ def export_face(rec: FaceReconstruction, out_dir: str | os.PathLike, face_model:
     scale = unit_scale(face_model.mm_per_unit, units)
     texture_name = f"{face_id}_texture.png"
     written: dict[str, str] = {}
-    displacement = write_displacement_png16(out / f"{face_id}_displacement.png", np.asarray(rec.displacement) * scale,
-                                            rec.uv_valid, units=units)
+    # the export-size map (what the detail OBJ and normal maps are built from); the model-size one for older records
+    full_size = getattr(rec, "export_displacement", None) is not None
+    displacement = write_displacement_png16(out / f"{face_id}_displacement.png",
+                                            np.asarray(rec.export_displacement if full_size else rec.displacement) * scale,
+                                            rec.export_valid if full_size else rec.uv_valid, units=units)
     written.update(displacement_png=displacement["png"], displacement_json=displacement["json"])
     written["normal_object_png"] = str(write_normal_map_png(out / f"{face_id}_normal_object.png", rec.detailed_normals,
                                                             rec.export_valid))
@@ -190,6 +194,7 @@ def export_face(rec: FaceReconstruction, out_dir: str | os.PathLike, face_model:
     written["strip_png"] = str(strip_path)
     data = face_json(rec, face_model)
     data["uv_size"] = int(np.asarray(rec.displacement).shape[-1])
+    data["export_size"] = int(np.asarray(rec.detailed_positions).shape[-1])
     data["units"] = units
     data["glb_units"] = "m"
     data["normal_maps"] = {"normal_object_png": "object space, model frame (x right, y up, z out of the face)",

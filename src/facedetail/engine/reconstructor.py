@@ -49,6 +49,17 @@ RENDER_KEYS = ("coarse", "detailed", "shape_coarse", "shape_detailed")
 DEFAULT_EXPORT_SIZE = 256
 
 
+def upsample_displacement(displacement: torch.Tensor, valid: torch.Tensor, export_valid: torch.Tensor) -> torch.Tensor:
+    """A displacement map (B, 1, S, S) at the export size of ``export_valid`` (1, 1, E, E): bicubic upsampling of the
+    map padded past its UV layout ``valid`` (S, S) (so the chart borders do not pull towards 0), then 0 outside the
+    export layout. The same map when E == S."""
+    size = export_valid.shape[-1]
+    if displacement.shape[-1] != size:
+        padded = fill_invalid_texels(displacement, valid, iterations=2)
+        displacement = F.interpolate(padded, size=(size, size), mode="bicubic", align_corners=False)
+    return displacement * export_valid
+
+
 @dataclass(kw_only=True)
 class FaceReconstruction(FittedFace):
     """A :class:`FittedFace` plus its detail reconstruction.
@@ -65,6 +76,9 @@ class FaceReconstruction(FittedFace):
         coarse_vertices, coarse_normals: (V, 3) coarse mesh, MODEL frame (y up), model units / unit normals.
         detailed_positions, detailed_normals: (3, E, E) detailed surface and normals, MODEL frame.
         export_valid: (E, E) bool UV-layout texels at the export size.
+        export_displacement: (E, E) float32 the displacement at the export size (bicubic upsampling of
+            ``displacement``, 0 outside ``export_valid``): exactly what ``detailed_positions`` = coarse + d·n used,
+            so the exported displacement PNG, normal map and detail OBJ agree texel for texel.
         export_texture: (E, E, 3) uint8 unwrapped texture for the OBJ files (invalid texels padded/black).
     """
 
@@ -80,6 +94,7 @@ class FaceReconstruction(FittedFace):
     detailed_positions: np.ndarray = None  # type: ignore[assignment]
     detailed_normals: np.ndarray = None  # type: ignore[assignment]
     export_valid: np.ndarray = None  # type: ignore[assignment]
+    export_displacement: np.ndarray = None  # type: ignore[assignment]
     export_texture: np.ndarray = None  # type: ignore[assignment]
 
 
@@ -236,11 +251,10 @@ class Reconstructor:
         normals = vertex_normals(shape, self.face_model.triangles)
         renderer = self.export_renderer
         surface = renderer.surface(shape, normals)  # model frame (the renders use the camera frame)
-        if displacement.shape[-1] != self.export_size:
-            padded = fill_invalid_texels(displacement, self.renderer.uv_valid[0, 0], iterations=2)
-            displacement = F.interpolate(padded, size=(self.export_size, self.export_size), mode="bicubic", align_corners=False)
+        displacement = upsample_displacement(displacement, self.renderer.uv_valid[0, 0], renderer.uv_valid)
         detailed, detailed_normals = renderer.detailed_maps(surface, displacement)
         return {
+            "export_displacement": displacement[:, 0].cpu().numpy().astype(np.float32),
             "coarse_vertices": shape.cpu().numpy(),
             "coarse_normals": normals.cpu().numpy(),
             "detailed_positions": detailed.cpu().numpy().astype(np.float32),
@@ -296,7 +310,8 @@ class Reconstructor:
                     renders={key: out["renders"][key][i] for key in RENDER_KEYS},
                     coarse_vertices=out["coarse_vertices"][i], coarse_normals=out["coarse_normals"][i],
                     detailed_positions=out["detailed_positions"][i], detailed_normals=out["detailed_normals"][i],
-                    export_valid=out["export_valid"], export_texture=inputs["export_texture"][i],
+                    export_valid=out["export_valid"], export_displacement=out["export_displacement"][i],
+                    export_texture=inputs["export_texture"][i],
                 )
             )
         return results

@@ -88,6 +88,7 @@ def retarget(reconstructor: Reconstructor, source: FaceReconstruction, targets: 
                 renders={key: out["renders"][key][i] for key in RENDER_KEYS},
                 coarse_vertices=out["coarse_vertices"][i], coarse_normals=out["coarse_normals"][i],
                 detailed_positions=out["detailed_positions"][i], detailed_normals=out["detailed_normals"][i],
+                export_displacement=out["export_displacement"][i],
                 metadata={**source.metadata, "retarget": {"source_face_id": source.face_id, "source_image": source.image,
                                                           "expression_from": target.face_id, "expression_image": target.image}},
             )

@@ -9,7 +9,9 @@ coarse mesh's lighting and de-lit albedo; the losses are
   replaced by the detailed render),
 * LSGAN adversarial (conditional PatchGAN: coarse render + {photo | detailed render}),
 * detail regularisation (Eq. 2, mean point distance coarse vs. detailed surface) whose weight
-  decays on the schedule ``detail_regularization``.
+  decays on the schedule ``detail_regularization``;
+* optional (``loss_weights.uv_photometric`` > 0, default off): the photometric term in UV space (DECA), the
+  unwrapped photo vs. albedo x SH(detailed normal map) over the visible face-region texels.
 
 The module knows nothing of Kedro or MLflow: logging goes through the ``log_metrics`` and
 ``log_images`` callbacks.
@@ -51,6 +53,7 @@ from facedetail.training.checkpoint import (
     unpack_history,
 )
 from facedetail.render.detail import DetailRenderer, FaceBatchScene
+from facedetail.render.shading import irradiance_map
 from facedetail.training.distributed import (
     DistContext,
     all_reduce_sum,
@@ -172,6 +175,9 @@ class DetailTrainer:
         if self.dist.enabled:
             torch.manual_seed(self.seed + self.rank)  # per-rank dropout masks (see training.distributed)
         self._scene_cache: dict[str, FaceBatchScene] | None = None
+        region = self.renderer.bake(self.renderer.face_region[None].expand(1, -1, -1))
+        #: (1, 1, S, S) texels of the model's face region (the optional ``uv_photometric`` term's support)
+        self.uv_face_region = ((region > 0.5) & self.renderer.uv_valid.bool()).to(self.renderer.uv_valid.dtype)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self, step: int) -> dict[str, Any]:
@@ -314,6 +320,12 @@ class DetailTrainer:
         if self.weights.get("adversarial", 0.0) > 0:
             condition = coarse_full if self.config["discriminator"].get("conditional", True) else None
             terms["adversarial"] = lsgan_g_loss(self.discriminator(detailed_full, condition))
+        if self.weights.get("uv_photometric", 0.0) > 0:
+            # DECA-style photometric term in UV space: the unwrapped photo vs albedo x SH(detailed normals) over the
+            # visible texels of the face region, at the full UV resolution (no pixel resampling of the normal map)
+            uv_render = scene.albedo_map * irradiance_map(detailed_normals, scene.gamma)
+            uv_mask = batch.texture_valid * self.uv_face_region
+            terms["uv_photometric"] = masked_photometric_loss(uv_render.clamp(0.0, 1.0), batch.uv_textures, uv_mask)
         coarse_points, refined_points = displacement_regularization_points(scene.position_map, detailed_positions, scene.uv_valid)
         terms["detail_regularization"] = detail_regularization(coarse_points, refined_points)
         weights = {name: float(self.weights.get(name, 0.0)) for name in terms}

@@ -1,0 +1,386 @@
+"""Controlled detail-recovery benchmark: does the detail generator learn riggable wrinkles from photos?
+
+Data (made here, cached in ``--work-dir``):
+
+1. real coarse fits of the shared photos (``facedetail.engine.fitter.FaceFitter``, default settings; cached);
+2. per photo: its unwrapped texture de-lit by the fitted SH lighting (the renderer's albedo) and a random
+   :class:`facedetail.geometry.wrinkles.WrinkleStyle` (placement, spacing, depth of forehead furrows, crow's feet,
+   nasolabial folds);
+3. per photo ``--expressions`` expression variants (the fit's expression with random brow raise / squint / smile
+   intensities, some neutral): ground-truth displacement = :func:`wrinkle_displacement` (0 at neutral, depth
+   linear in the driving blendshapes, 0.3-1 mm at full intensity), "photo" = the project's detailed render
+   (:class:`~facedetail.render.detail.DetailRenderer`, the fit's SH lighting and a smoothed de-lit albedo, see
+   ``--albedo-sigma``) of the whole mesh composited over the real photo outside it; the generator's inputs are made from that photo by ``generator_inputs`` exactly as in
+   the pipelines.
+
+Photos (identities) are split into train / held-out. ``DetailTrainer`` trains on the train faces' variants
+(the project's loop and losses, ``conf/base/parameters_train.yml`` plus ``--variant`` overrides); held-out
+faces are then evaluated in UV inside the model's face region:
+
+* displacement RMSE (mm) and mean normal angle error (degrees) of the detailed normal map vs the ground
+  truth's, for the coarse surface (zero displacement) and the prediction; also inside the wrinkle zones only;
+* re-targeting: each held-out face's embedding from its most wrinkled variant, applied to its OTHER variants'
+  expression maps, vs their ground truth.
+
+Target (issue 12): detailed normal error <= 50% of coarse on held-out faces, re-targeted <= 1.5x detailed.
+Pictures (photo | coarse | GT displacement | predicted | re-targeted GT | re-targeted prediction) and a JSON of
+the numbers go to ``--out``. The LAST line printed is the JSON summary.
+
+Usage (repository root; 5-12 min on 2 busy cores: data 1-5 min, 300 steps 2.5-5.5 min)::
+
+    PYTHONPATH=src python benchmarks/detail_recovery.py [--variant photometric] [--steps 300] [--uv-size 64]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from facedetail.data.faces import FaceTensors  # noqa: E402
+from facedetail.geometry.face_model import FaceModel, load_face_model_from_params  # noqa: E402
+from facedetail.geometry.detail import masked_blur  # noqa: E402
+from facedetail.geometry.face_uv import as_generator_tensors, face_uv_maps, generator_inputs  # noqa: E402
+from facedetail.geometry.wrinkles import (  # noqa: E402
+    WrinkleStyle, normal_angle_degrees, sample_styles, wrinkle_displacement, wrinkle_drivers, wrinkle_patterns,
+)
+from facedetail.losses.photometric import masked_photometric_loss  # noqa: E402
+from facedetail.render.detail import DetailRenderer, UVSurface  # noqa: E402
+from facedetail.render.rasterizer import rasterize  # noqa: E402
+from facedetail.training.loop import DetailTrainer, colorize_displacement  # noqa: E402
+from facedetail.utils import atomic_write_bytes  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PHOTO_ROOT = REPO_ROOT.parent / "shared" / "assets" / "faces"
+PHOTO_FOLDERS = ("celeba_examples", "in_the_wild", "portraits", "expressions_one_person")
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+
+#: Loss settings compared by the benchmark (``train`` overrides).
+VARIANTS: dict[str, dict[str, Any]] = {
+    "photometric": {"loss_weights": {"photometric": 1.0, "perceptual": 0.0, "adversarial": 0.0}},
+    "paper": {"loss_weights": {"photometric": 1.0, "perceptual": 0.2, "adversarial": 0.01}},
+    "uv_photometric": {"loss_weights": {"photometric": 1.0, "uv_photometric": 1.0, "perceptual": 0.0, "adversarial": 0.0}},
+    "uv_photometric_reg": {"loss_weights": {"photometric": 1.0, "uv_photometric": 1.0, "perceptual": 0.0, "adversarial": 0.0},
+                           "detail_regularization": {"start": 1.0, "end": 0.05, "decay_steps": 300, "kind": "exponential"}},
+    "photometric_noreg": {"loss_weights": {"photometric": 1.0, "perceptual": 0.0, "adversarial": 0.0},
+                          "detail_regularization": {"start": 0.0, "end": 0.0, "decay_steps": 1, "kind": "constant"}},
+}
+#: Blendshapes the augmentation sets (groups move together, sides vary a little).
+BROW = ("browInnerUp_L", "browInnerUp_R", "browOuterUp_L", "browOuterUp_R")
+SQUINT = ("eyeSquint_L", "eyeSquint_R", "cheekSquint_L", "cheekSquint_R")
+SMILE = ("mouthSmile_L", "mouthSmile_R")
+
+
+def project_params() -> dict[str, Any]:
+    from facedetail.cli import load_project_config
+
+    params, _, _ = load_project_config(str(REPO_ROOT / "conf"))
+    params["device"] = "cpu"
+    return params
+
+
+def load_fits(params: dict[str, Any], work_dir: Path, max_faces: int) -> dict[str, np.ndarray]:
+    """Coarse fits of the shared photos (cached in ``work_dir/fits.npz``; the estimation cache beside it)."""
+    cache = work_dir / "fits.npz"
+    if not cache.is_file():
+        from facedetail.engine.fitter import FaceFitter
+
+        photos = sorted(p for folder in PHOTO_FOLDERS if (PHOTO_ROOT / folder).is_dir()
+                        for p in (PHOTO_ROOT / folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        fitter = FaceFitter.from_params(params, "cpu", cache_dir=work_dir / "estimation_cache")
+        faces = fitter.fit_images([str(p) for p in photos], names=[f"{p.parent.name}/{p.name}" for p in photos])
+        tmp = work_dir / "fits.tmp.npz"
+        np.savez(tmp, face_ids=np.array([f.face_id for f in faces]), coefficients=np.stack([f.coefficients for f in faces]),
+                 aligned=np.stack([f.aligned for f in faces]), masks=np.stack([f.mask for f in faces]))
+        os.replace(tmp, cache)
+    data = dict(np.load(cache))
+    keep = np.arange(min(max_faces, len(data["face_ids"])))
+    return {k: v[keep] for k, v in data.items()}
+
+
+def sample_expressions(face_model: FaceModel, base: torch.Tensor, count: int, rng: np.random.Generator) -> torch.Tensor:
+    """``count`` expression variants of one face: the fit's expression with random wrinkle-driving intensities.
+
+    Variant 0 is neutral for the drivers (no wrinkles); the others raise the brows, squint and smile with
+    probability 0.7 each, intensity U(0.4, 1), sides within 30% of each other.
+    """
+    names = list(face_model.exp_names)
+    out = base.clamp(0, 1).repeat(count, 1)
+    for j in range(count):
+        for group in (BROW, SQUINT, SMILE):
+            level = 0.0 if j == 0 or rng.random() > 0.7 else rng.uniform(0.4, 1.0)
+            for name in group:
+                out[j, names.index(name)] = float(level * rng.uniform(0.7, 1.0))
+    return out
+
+
+def face_region_uv(renderer: DetailRenderer) -> torch.Tensor:
+    """(1, 1, S, S) bool: texels of the model's face region (where the benchmark measures)."""
+    region = renderer.bake(renderer.face_region[None].expand(1, -1, -1))
+    return (region > 0.5) & renderer.uv_valid.bool()
+
+
+@torch.no_grad()
+def build_dataset(face_model: FaceModel, fits: dict[str, np.ndarray], uv_size: int, expressions: int, seed: int,
+                  albedo_sigma: float = 4.0) -> dict[str, Any]:
+    """Synthetic training/evaluation faces (module docstring). Returns tensors indexed by variant.
+
+    ``albedo_sigma``: extra low-pass (texels) of the photo's de-lit albedo used to render the synthetic photos;
+    0 keeps its fine detail, which the generator then also tries to explain with geometry (albedo/shape
+    ambiguity, measured separately from geometry recovery).
+    """
+    renderer = DetailRenderer(face_model, uv_size, 224)
+    exp_slice = face_model.layout.slices["exp"]
+    styles = sample_styles(len(fits["face_ids"]), seed)
+    rng = np.random.default_rng(seed)
+    rows: dict[str, list] = {k: [] for k in ("face_ids", "identity", "images", "coefficients", "uv_textures", "texture_valid",
+                                            "expression_maps", "gt", "position_map", "normal_map", "zone", "coarse", "style")}
+    for i, face_id in enumerate(fits["face_ids"]):
+        coefficients = torch.from_numpy(fits["coefficients"][i][None]).float()
+        photo = torch.from_numpy(fits["aligned"][i]).permute(2, 0, 1)[None].float() / 255.0
+        maps = face_uv_maps(face_model, coefficients, photo, uv_size)
+        albedo = renderer.prepare(coefficients, maps["uv_textures"], maps["texture_valid"]).albedo_map
+        if albedo_sigma > 0:  # a smooth skin: the trainer's de-lit, low-passed albedo can then reproduce it
+            albedo = masked_blur(albedo, renderer.uv_valid, albedo_sigma)
+        variants = coefficients.repeat(expressions, 1)
+        variants[:, exp_slice] = sample_expressions(face_model, coefficients[:, exp_slice], expressions, rng)
+        scene = renderer.prepare(variants, maps["uv_textures"].expand(expressions, -1, -1, -1),
+                                 maps["texture_valid"].expand(expressions, -1, -1, -1))
+        scene.albedo_map = albedo.expand(expressions, -1, -1, -1)
+        pattern = wrinkle_patterns(face_model, styles[i], uv_size)
+        gt = wrinkle_displacement(face_model, [styles[i]] * expressions, variants[:, exp_slice], uv_size,
+                                  patterns=pattern[None].expand(expressions, -1, -1, -1)) * renderer.uv_valid
+        _, gt_normals = renderer.detailed_maps(scene, gt)
+        # the whole mesh is rendered (eye caps and mouth included, not only the face region), so no sharp real-photo
+        # pixel borders the skin: the trainer's low-passed de-lit albedo can then reproduce the smooth skin
+        cover = rasterize(renderer.coarse_mesh(variants)["screen"], face_model.triangles, 224, backend=renderer.backend).mask
+        scene = dataclasses.replace(scene, render_mask=cover[:, None].to(photo.dtype))
+        render = renderer.render(scene, gt_normals)
+        coarse = renderer.render(scene, scene.normal_map)
+        images = scene.render_mask * render + (1 - scene.render_mask) * photo
+        inputs = as_generator_tensors(generator_inputs(face_model, variants, images, uv_size))
+        rows["face_ids"] += [f"{face_id}__e{j}" for j in range(expressions)]
+        rows["identity"] += [i] * expressions
+        rows["images"].append((images * 255 + 0.5).byte())
+        rows["coarse"].append((scene.render_mask * coarse + (1 - scene.render_mask) * photo).mul(255).add(0.5).byte())
+        rows["coefficients"].append(variants)
+        for key in ("uv_textures", "texture_valid", "expression_maps"):
+            rows[key].append(inputs[key])
+        rows["gt"].append(gt)
+        rows["position_map"].append(scene.position_map)
+        rows["normal_map"].append(scene.normal_map)
+        rows["zone"].append((pattern.abs().amax(0) > 0.05)[None, None].expand(expressions, -1, -1, -1))
+        rows["style"] += [styles[i]] * expressions
+    data = {k: (torch.cat(v) if k not in ("face_ids", "identity", "style") else v) for k, v in rows.items()}
+    data["identity"] = np.array(data["identity"])
+    data["uv_valid"] = renderer.uv_valid
+    data["region"] = face_region_uv(renderer)
+    return data
+
+
+def face_tensors(data: dict[str, Any], index: np.ndarray) -> FaceTensors:
+    idx = torch.as_tensor(index, dtype=torch.long)
+    images = data["images"][idx]
+    return FaceTensors([data["face_ids"][i] for i in index], images, torch.ones_like(images[:, :1], dtype=torch.bool),
+                       data["coefficients"][idx], data["uv_textures"][idx], data["texture_valid"][idx], data["expression_maps"][idx])
+
+
+class ErrorPool:
+    """Accumulates squared displacement errors and normal angles over texels."""
+
+    def __init__(self) -> None:
+        self.sq, self.angle, self.count = 0.0, 0.0, 0
+
+    def add(self, predicted: torch.Tensor, gt: torch.Tensor, predicted_normals: torch.Tensor, gt_normals: torch.Tensor,
+            where: torch.Tensor) -> None:
+        where = where.expand_as(gt).bool()
+        self.sq += float(((predicted - gt) ** 2)[where].sum())
+        self.angle += float(normal_angle_degrees(predicted_normals, gt_normals)[where].sum())
+        self.count += int(where.sum())
+
+    def result(self, mm_per_unit: float) -> dict[str, float]:
+        n = max(1, self.count)
+        return {"displacement_rmse_mm": math.sqrt(self.sq / n) * mm_per_unit, "normal_error_deg": self.angle / n}
+
+
+@torch.no_grad()
+def evaluate(trainer: DetailTrainer, data: dict[str, Any], index: np.ndarray) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Held-out metrics (module docstring) and the tensors for the pictures."""
+    generator, renderer = trainer.generator.eval(), trainer.renderer
+    mm = trainer.face_model.mm_per_unit
+    pools = {name: ErrorPool() for name in ("coarse", "detailed", "coarse_zone", "detailed_zone",
+                                             "retarget_coarse", "retarget", "retarget_coarse_zone", "retarget_zone")}
+    idx = torch.as_tensor(index, dtype=torch.long)
+    surface = UVSurface(data["position_map"][idx], data["normal_map"][idx], data["uv_valid"])
+    gt = data["gt"][idx]
+    embedding = generator.embed(data["uv_textures"][idx], data["texture_valid"][idx])
+    predicted = generator.displacement_from(embedding, data["expression_maps"][idx]).float() * data["uv_valid"]
+    _, gt_normals = renderer.detailed_maps(surface, gt)
+    _, pred_normals = renderer.detailed_maps(surface, predicted)
+    region, zone = data["region"], data["zone"][idx] & data["region"]
+    pools["coarse"].add(torch.zeros_like(gt), gt, surface.normal_map, gt_normals, region)
+    pools["detailed"].add(predicted, gt, pred_normals, gt_normals, region)
+    pools["coarse_zone"].add(torch.zeros_like(gt), gt, surface.normal_map, gt_normals, zone)
+    pools["detailed_zone"].add(predicted, gt, pred_normals, gt_normals, zone)
+    # re-targeting: each identity's most wrinkled variant lends its embedding to the identity's other variants
+    identity = data["identity"][index]
+    drivers = wrinkle_drivers(trainer.face_model, data["coefficients"][idx][:, trainer.face_model.layout.slices["exp"]]).sum(1)
+    retarget_pred = torch.zeros_like(gt)
+    retarget_rows: list[int] = []
+    for person in np.unique(identity):
+        rows = np.flatnonzero(identity == person)
+        source = rows[int(torch.argmax(drivers[rows]))]
+        targets = rows[rows != source]
+        if len(targets) == 0:
+            continue
+        t = torch.as_tensor(targets)
+        d = generator.displacement_from(embedding[source : source + 1].expand(len(targets), -1, -1, -1),
+                                        data["expression_maps"][idx][t]).float() * data["uv_valid"]
+        retarget_pred[t] = d
+        retarget_rows += targets.tolist()
+    r = torch.as_tensor(retarget_rows, dtype=torch.long)
+    sub = UVSurface(surface.position_map[r], surface.normal_map[r], surface.uv_valid)
+    _, rt_normals = renderer.detailed_maps(sub, retarget_pred[r])
+    pools["retarget_coarse"].add(torch.zeros_like(gt[r]), gt[r], sub.normal_map, gt_normals[r], region)
+    pools["retarget"].add(retarget_pred[r], gt[r], rt_normals, gt_normals[r], region)
+    pools["retarget_coarse_zone"].add(torch.zeros_like(gt[r]), gt[r], sub.normal_map, gt_normals[r], zone[r])
+    pools["retarget_zone"].add(retarget_pred[r], gt[r], rt_normals, gt_normals[r], zone[r])
+    metrics = {name: pool.result(mm) for name, pool in pools.items()}
+    # is the ground truth what the training loss prefers? the image-space photometric loss (trainer's albedo)
+    scene = renderer.prepare(data["coefficients"][idx], data["uv_textures"][idx], data["texture_valid"][idx])
+    photos = data["images"][idx].float() / 255
+    metrics["photometric"] = {
+        name: float(masked_photometric_loss(renderer.render(scene, renderer.detailed_maps(scene, d)[1]), photos, scene.render_mask))
+        for name, d in (("coarse", torch.zeros_like(gt)), ("ground_truth", gt), ("detailed", predicted))}
+    metrics["normal_error_ratio"] = metrics["detailed"]["normal_error_deg"] / max(metrics["coarse"]["normal_error_deg"], 1e-9)
+    metrics["retarget_over_detailed"] = metrics["retarget"]["normal_error_deg"] / max(metrics["detailed"]["normal_error_deg"], 1e-9)
+    metrics["targets_met"] = bool(metrics["normal_error_ratio"] <= 0.5 and metrics["retarget_over_detailed"] <= 1.5)
+    metrics["heldout_variants"] = len(index)
+    metrics["retarget_variants"] = len(retarget_rows)
+    shown = torch.full_like(drivers, -1.0)
+    shown[r] = drivers[r]  # the pictures show re-targeted variants (most wrinkled first)
+    pictures = {"gt": gt, "predicted": predicted, "retarget": retarget_pred, "images": data["images"][idx],
+                "coarse": data["coarse"][idx], "drivers": shown}
+    return metrics, pictures
+
+
+def save_pictures(pictures: dict[str, torch.Tensor], path: Path, rows: int = 6) -> Path:
+    """Grid: photo | coarse render | GT displacement | predicted from this photo | predicted from the same face's
+    other photo's embedding under this expression (re-targeted); one colour scale per row (the GT's)."""
+    order = torch.argsort(pictures["drivers"], descending=True)[:rows]
+    scale = pictures["gt"][order].abs().flatten(1).amax(1).clamp_min(1e-6).view(-1, 1, 1, 1)
+
+    def colour(d: torch.Tensor) -> torch.Tensor:
+        c = colorize_displacement(torch.cat([(d / scale).clamp(-1, 1), torch.ones_like(d[:, :, :1])], 2))  # pin the scale
+        return torch.nn.functional.interpolate(c[:, :, : d.shape[2]], size=(224, 224), mode="nearest")
+    tiles = [pictures["images"][order].float() / 255, pictures["coarse"][order].float() / 255,
+             colour(pictures["gt"][order]), colour(pictures["predicted"][order]), colour(pictures["retarget"][order])]
+    grid = torch.cat([torch.cat([t[i] for t in tiles], 2) for i in range(len(order))], 1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
+    Image.fromarray((grid.permute(1, 2, 0).clamp(0, 1).numpy() * 255 + 0.5).astype(np.uint8)).save(tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def train_config(params: dict[str, Any], variant: str, steps: int, batch_size: int, checkpoint_dir: str, lr: float | None) -> dict[str, Any]:
+    config = copy.deepcopy(params["train"])
+    override = copy.deepcopy(VARIANTS[variant])
+    config["loss_weights"] = {**config.get("loss_weights", {}), **override.pop("loss_weights", {})}
+    config.update(override)
+    config.update(steps=steps, batch_size=batch_size, checkpoint_dir=checkpoint_dir, resume=False, checkpoint_every=10**9,
+                  log_every=10**9, image_log_every=10**9, mixed_precision=False)
+    if lr is not None:
+        config["optimizer"] = {**config["optimizer"], "lr": lr}
+    return config
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--variant", default="photometric", choices=sorted(VARIANTS))
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=None)
+    parser.add_argument("--uv-size", type=int, default=64)
+    parser.add_argument("--expressions", type=int, default=4, help="expression variants per photo")
+    parser.add_argument("--faces", type=int, default=60, help="at most this many fitted faces")
+    parser.add_argument("--heldout", type=float, default=0.25, help="fraction of the photos held out")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--albedo-sigma", type=float, default=4.0, help="extra albedo low-pass of the synthetic photos (texels)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--work-dir", default=str(Path(tempfile.gettempdir()) / "facedetail_detail_recovery"))
+    parser.add_argument("--out", default=str(REPO_ROOT / "data" / "08_reporting" / "detail_recovery"))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    work = Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    tic = time.perf_counter()
+    params = project_params()
+    face_model = load_face_model_from_params(params["face_model"], "cpu")
+    fits = load_fits(params, work, args.faces)
+    data = build_dataset(face_model, fits, args.uv_size, args.expressions, args.seed, args.albedo_sigma)
+    n_people = len(fits["face_ids"])
+    people = np.random.default_rng(args.seed).permutation(n_people)
+    heldout_people = set(people[: max(1, int(round(args.heldout * n_people)))].tolist())
+    is_test = np.array([p in heldout_people for p in data["identity"]])
+    train_index, test_index = np.flatnonzero(~is_test), np.flatnonzero(is_test)
+    prepared = time.perf_counter() - tic
+    print(f"data: {n_people} photos x {args.expressions} expressions, train {len(train_index)} / held-out {len(test_index)} "
+          f"variants ({prepared:.0f} s)", flush=True)
+    config = train_config(params, args.variant, args.steps, args.batch_size, str(work / "checkpoints"), args.lr)
+    embedder = None
+    if config["loss_weights"].get("perceptual", 0.0) > 0:
+        from facedetail.models.facenet import load_face_embedder
+
+        cache = Path(params["weights"]["facenet_cache"])
+        cache = cache if cache.is_absolute() else REPO_ROOT / cache
+        if not cache.is_file():  # a fresh worktree: the main checkout's converted weights
+            cache = REPO_ROOT.parent / "main" / params["weights"]["facenet_cache"]
+        embedder, _ = load_face_embedder(params["weights"].get("facenet") or None, cache, "cpu")
+    trainer = DetailTrainer(face_model, embedder, config, args.uv_size, torch.device("cpu"))
+    result = trainer.fit(face_tensors(data, train_index))
+    trained = time.perf_counter() - tic - prepared
+    metrics, pictures = evaluate(trainer, data, test_index)
+    train_metrics, _ = evaluate(trainer, data, train_index)
+    out = Path(args.out)
+    picture = save_pictures(pictures, out / f"detail_recovery_{args.variant}.png")
+    last = result.history[-1] if result.history else {}
+    summary = {
+        "variant": args.variant, "steps": args.steps, "uv_size": args.uv_size, "photos": n_people,
+        "expressions": args.expressions, "albedo_sigma": args.albedo_sigma, "train_variants": len(train_index), "heldout_variants": len(test_index),
+        "loss_weights": config["loss_weights"], "detail_regularization": config["detail_regularization"],
+        "heldout": metrics, "train": {k: train_metrics[k] for k in ("coarse", "detailed", "normal_error_ratio")},
+        "final_losses": {k: v for k, v in last.items() if k.startswith("loss_")},
+        "seconds": {"data": round(prepared, 1), "train": round(trained, 1), "total": round(time.perf_counter() - tic, 1)},
+        "picture": str(picture),
+    }
+    atomic_write_bytes(out / f"detail_recovery_{args.variant}.json", json.dumps(summary, indent=1).encode())
+    h = metrics
+    print(f"held-out ({len(test_index)} variants of {len(heldout_people)} photos), face region:")
+    for name in ("coarse", "detailed", "retarget_coarse", "retarget", "coarse_zone", "detailed_zone"):
+        print(f"  {name:22s} displacement RMSE {h[name]['displacement_rmse_mm']:.3f} mm   normal error {h[name]['normal_error_deg']:.2f} deg")
+    print(f"  detailed/coarse normal error {h['normal_error_ratio']:.2f} (target <= 0.5); "
+          f"re-targeted/detailed {h['retarget_over_detailed']:.2f} (target <= 1.5); train detailed/coarse "
+          f"{train_metrics['normal_error_ratio']:.2f}")
+    print("  held-out photometric loss (coarse / ground-truth displacement / predicted): "
+          + " / ".join(f"{h['photometric'][k]:.5f}" for k in ("coarse", "ground_truth", "detailed")))
+    print(json.dumps({k: v for k, v in summary.items() if k != "loss_weights"}), flush=True)
+    return summary
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

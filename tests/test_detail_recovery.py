@@ -1,0 +1,109 @@
+"""The synthetic wrinkle ground truth of ``benchmarks/detail_recovery.py`` behaves as designed.
+
+* no wrinkles at a neutral expression (and under expressions that drive none of them);
+* depth grows linearly with the driving blendshape, each group only with its own drivers and side;
+* placement and spacing differ between faces, amplitude stays within a few tenths of a mm to ~1 mm;
+* rendering a fitted face with the ground-truth displacement differs from the coarse render inside the face
+  region only (and only where the wrinkles are).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from facedetail.geometry.face_model import load_ict_model
+from facedetail.geometry.wrinkles import (
+    WRINKLE_GROUPS, WrinkleStyle, normal_angle_degrees, sample_styles, wrinkle_displacement, wrinkle_drivers, wrinkle_patterns,
+)
+from facedetail.render.detail import DetailRenderer
+from tests.conftest import ICT_PATH, needs_ict
+
+pytestmark = needs_ict
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def face_model():
+    return load_ict_model(ICT_PATH)
+
+
+def expression(face_model, **weights: float) -> torch.Tensor:
+    out = torch.zeros(1, len(face_model.exp_names))
+    for name, value in weights.items():
+        out[0, face_model.exp_names.index(name)] = value
+    return out
+
+
+def test_no_wrinkles_at_neutral_or_under_non_driving_expressions(face_model):
+    styles = sample_styles(2, seed=3)
+    neutral = wrinkle_displacement(face_model, styles, torch.zeros(2, len(face_model.exp_names)), SIZE)
+    assert neutral.shape == (2, 1, SIZE, SIZE) and neutral.abs().max() == 0
+    jaw = wrinkle_displacement(face_model, styles, expression(face_model, jawOpen=1.0, eyeBlink_L=1.0).repeat(2, 1), SIZE)
+    assert jaw.abs().max() == 0
+
+
+def test_depth_grows_linearly_with_the_driving_blendshape(face_model):
+    style = [WrinkleStyle()]
+    maps = [wrinkle_displacement(face_model, style, expression(face_model, browInnerUp_L=w, browInnerUp_R=w,
+                                                                 browOuterUp_L=w, browOuterUp_R=w), SIZE) for w in (0.25, 0.5, 1.0)]
+    peaks = [float(m.abs().max()) for m in maps]
+    assert 0 < peaks[0] < peaks[1] < peaks[2]
+    torch.testing.assert_close(maps[1], 2 * maps[0])
+    torch.testing.assert_close(maps[2], 4 * maps[0])
+    # full brow raise: furrows as deep as the style says (ICT cm: 0.6 mm), on the forehead only (above the eyes)
+    assert abs(peaks[2] - WrinkleStyle().forehead_depth) < 0.15 * WrinkleStyle().forehead_depth
+    rows = torch.nonzero(maps[2][0, 0].abs() > 1e-3)[:, 0]
+    assert rows.max() < SIZE * (1 - 0.75)  # row 0 = v 1: the forehead band lies above v = 0.75 (eyes at v ~ 0.72)
+
+
+def test_each_group_follows_its_own_drivers_and_side(face_model):
+    drivers = wrinkle_drivers(face_model, torch.cat([expression(face_model, mouthSmile_L=1.0), expression(face_model, eyeSquint_R=0.5)]))
+    assert drivers.shape == (2, len(WRINKLE_GROUPS))
+    smile = dict(zip(WRINKLE_GROUPS, drivers[0].tolist()))
+    assert smile["nasolabial_L"] > 0.5 and smile["crows_feet_L"] > 0 and smile["nasolabial_R"] == smile["crows_feet_R"] == smile["forehead"] == 0
+    squint = dict(zip(WRINKLE_GROUPS, drivers[1].tolist()))
+    assert squint["crows_feet_R"] == pytest.approx(0.3) and sum(squint.values()) == pytest.approx(0.3)
+    # the subject's left smile puts the fold on the left of the UV layout's centre line (u > 0.5 on ICT)
+    d = wrinkle_displacement(face_model, [WrinkleStyle()], expression(face_model, mouthSmile_L=1.0), SIZE)[0, 0]
+    columns = torch.nonzero(d.abs() > 1e-3)[:, 1].float()
+    assert len(columns) > 10 and columns.min() > SIZE / 2
+
+
+def test_styles_vary_per_face_within_the_designed_range(face_model):
+    styles = sample_styles(20, seed=0)
+    assert sample_styles(20, seed=0) == styles and sample_styles(20, seed=1) != styles
+    full = expression(face_model, **{n: 1.0 for n in ("browInnerUp_L", "browInnerUp_R", "browOuterUp_L", "browOuterUp_R",
+                                                        "mouthSmile_L", "mouthSmile_R", "eyeSquint_L", "eyeSquint_R")})
+    maps = wrinkle_displacement(face_model, styles, full.repeat(20, 1), SIZE)
+    peaks_mm = maps.abs().flatten(1).amax(1) * face_model.mm_per_unit
+    assert peaks_mm.min() > 0.3 and peaks_mm.max() < 1.6  # a few tenths of a mm to ~1 mm (overlaps add up a little)
+    patterns = torch.stack([wrinkle_patterns(face_model, s, SIZE) for s in styles[:2]])
+    assert (patterns[0] - patterns[1]).abs().max() > 0.5  # placement/spacing differ between faces
+    assert patterns.abs().max() <= 1.0 + 1e-6
+
+
+def test_ground_truth_render_differs_from_coarse_inside_the_face_only(face_model):
+    renderer = DetailRenderer(face_model, SIZE, 224)
+    coefficients = face_model.layout.zeros(1)
+    parts = face_model.layout.split(coefficients)
+    exp = expression(face_model, browInnerUp_L=1.0, browInnerUp_R=1.0, browOuterUp_L=1.0, browOuterUp_R=1.0, mouthSmile_L=1.0, mouthSmile_R=1.0)
+    blocks = {**parts, "exp": exp, "trans": parts["trans"]}
+    gamma = torch.zeros(1, 27)
+    gamma[0, [1, 10, 19]] = 0.5  # light from the side: furrows cast visible shading
+    gamma[0, [2, 11, 20]] = 0.3
+    blocks["gamma"] = gamma
+    coefficients = face_model.layout.join(blocks)
+    texture = torch.full((1, 3, SIZE, SIZE), 0.6)
+    scene = renderer.prepare(coefficients, texture, torch.ones(1, 1, SIZE, SIZE))
+    gt = wrinkle_displacement(face_model, [WrinkleStyle()], exp, SIZE) * renderer.uv_valid
+    _, normals = renderer.detailed_maps(scene, gt)
+    detailed, coarse = renderer.render(scene, normals), renderer.render(scene, scene.normal_map)
+    change = (detailed - coarse).abs().amax(1, keepdim=True)
+    inside = scene.render_mask > 0.5
+    assert inside.float().mean() > 0.1 and change[inside].max() > 0.01 and (change[inside] > 0.002).float().mean() > 0.01
+    assert change[~inside].max() == 0
+    # and where the GT is zero the detailed normals are the coarse ones
+    angle = normal_angle_degrees(normals, scene.normal_map)
+    far = torch.nn.functional.max_pool2d((gt.abs() > 0).float(), 5, 1, 2) == 0
+    assert angle[far & renderer.uv_valid.bool()].max() < 1e-3 and angle.max() > 1.0
