@@ -236,7 +236,7 @@ def test_exported_maps_have_the_export_size_and_match_the_detail_obj(exported, o
 
     E = EXPORT_SIZE
     decoded = read_displacement_png16(exported["displacement_png"])
-    assert decoded.shape == (E, E) and cv2.imread(exported["normals_png"]).shape == (E, E, 3)
+    assert decoded.shape == (E, E) and cv2.imread(exported["normal_object_png"]).shape == (E, E, 3) == cv2.imread(exported["normal_tangent_png"]).shape
     assert json.loads(Path(exported["json"]).read_text())["export_size"] == E
     # the upsampled map is a smooth version of the model-size one: same range, same mean over the layout
     low = obama.displacement[obama.uv_valid]
