@@ -29,8 +29,8 @@ CONFIG_LOADER_ARGS = {
     },
 }
 
-from facedetail.hooks import DatasetLineageHooks, ExecutionHooks, ValidateParametersHook  # noqa: E402 - after the telemetry variables
+from facedetail.hooks import DatasetLineageHooks, ExecutionHooks, UserErrorHooks, ValidateParametersHook  # noqa: E402 - after the telemetry variables
 
 # kedro-mlflow's hooks register themselves (plugin entry point); ours validate the parameters first,
 # record dataset lineage in the MLflow run and stop the run's Dask cluster at the end.
-HOOKS = (ValidateParametersHook(), DatasetLineageHooks(), ExecutionHooks())
+HOOKS = (ValidateParametersHook(), UserErrorHooks(), DatasetLineageHooks(), ExecutionHooks())

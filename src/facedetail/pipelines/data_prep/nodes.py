@@ -21,6 +21,7 @@ from facedetail.data.shards import FaceShards
 from facedetail.data.stages import ShardInput
 from facedetail.io.face_ids import image_stems
 from facedetail.io.images import ImageReadError, contact_sheet, draw_points, read_image
+from facedetail.utils import SettingError
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ def select_image_partitions(
     """Keep partitions whose file name ends with one of ``extensions`` (any case), sorted by id.
 
     Raises:
-        ValueError: when no partition has an image extension (an empty folder is an error, not a no-op).
+        SettingError: (a ValueError) when no partition has an image extension (an empty folder is an error, not a no-op).
     """
     wanted = tuple(ext.lower() if ext.startswith(".") else f".{ext.lower()}" for ext in extensions)
     selected = {pid: partitions[pid] for pid in sorted(partitions) if pid.lower().endswith(wanted)}
@@ -46,7 +47,7 @@ def select_image_partitions(
     if not selected:
         example = next(iter(partitions.values()), None)
         where = str(PurePosixPath(_source_path("", example)).parent) if example else folder_hint
-        raise ValueError(
+        raise SettingError(
             f"data_prep found no images in '{where}' ({len(partitions)} file(s), none ending in "
             f"{', '.join(wanted)}); put photos there or point FACEDETAIL_RAW_FACES at a folder of images"
         )
