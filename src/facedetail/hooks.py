@@ -212,8 +212,9 @@ def user_error_message(error: BaseException) -> str | None:
 class UserErrorHooks:
     """One-line errors for bad settings and files in ``kedro run`` (see :class:`RunSettingError`)."""
 
-    @hook_impl
+    @hook_impl(tryfirst=True)
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline: Any, catalog: Any) -> None:
+        """Before kedro-mlflow opens a run (``tryfirst``): a missing or empty raw folder stops the run here."""
         if RAW_FACES_DATASET not in pipeline.inputs():
             return
         try:
