@@ -278,3 +278,53 @@ def test_kill_9_preprocess_and_train_then_rerun(tmp_path):
         ok, message = harness.kill_trial(reference, tmp_path / pipeline, pipeline, seconds, rng, "synchronous",
                                          seed_from=tmp_path / "preprocessed" if pipeline == "train" else None)
         assert ok, message
+
+
+# ---------------------------------------------------------------------------------------------- per-file isolation
+def test_an_unreadable_sub_folder_gets_a_row_instead_of_being_skipped(tmp_path, monkeypatch):
+    from facedetail.engine.inputs import list_images, load_input_image
+    from facedetail.io.images import ImageReadError
+
+    root = tmp_path / "photos"
+    (root / "locked").mkdir(parents=True)
+    shutil.copy(SAMPLE_FACES / "astronaut.jpg", root / "a.jpg")
+    shutil.copy(SAMPLE_FACES / "astronaut.jpg", root / "locked" / "b.jpg")
+    locked = str(root / "locked")
+    real_scandir, real_listdir = os.scandir, os.listdir
+
+    def denied(path):  # as root, chmod 000 alone does not stop listing: the listing itself fails
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr(os, "scandir", lambda path=".": denied(path) if str(path) == locked else real_scandir(path))
+    monkeypatch.setattr(os, "listdir", lambda path=".": denied(path) if str(path) == locked else real_listdir(path))
+    files, names = list_images(root)
+    assert names == ["a.jpg", "locked"]
+    with pytest.raises(ImageReadError, match="locked: folder cannot be read \\(Permission denied\\)") as caught:
+        load_input_image(files[1], names[1])
+    assert caught.value.status == "unreadable"
+    monkeypatch.setattr(os, "scandir", lambda path=".": denied(path))
+    from facedetail.engine.inputs import InputError
+
+    with pytest.raises(InputError, match="cannot read image folder .*photos: Permission denied"):
+        list_images(root)
+
+
+def test_inference_pipeline_reads_local_partitions_by_path_so_os_errors_are_rows(tmp_path):
+    from kedro_datasets.partitions import PartitionedDataset
+
+    from facedetail.engine.inputs import load_input_image
+    from facedetail.io.images import ImageReadError
+    from facedetail.pipelines.inference.nodes import _local_path_or_loader
+
+    folder = tmp_path / "faces"
+    folder.mkdir()
+    shutil.copy(SAMPLE_FACES / "astronaut.jpg", folder / "ok.jpg")
+    (folder / "dangling.jpg").symlink_to(folder / "gone.jpg")
+    (folder / "loop.jpg").symlink_to(folder / "loop.jpg")
+    partitions = PartitionedDataset(path=str(folder), dataset="facedetail.datasets.RawBytesDataset").load()
+    inputs = {name: _local_path_or_loader(loader) for name, loader in partitions.items()}
+    assert inputs["ok.jpg"] == folder / "ok.jpg" and load_input_image(inputs["ok.jpg"], "ok.jpg").shape[2] == 3
+    with pytest.raises(ImageReadError, match="broken symbolic link"):
+        load_input_image(inputs["dangling.jpg"], "dangling.jpg")
+    with pytest.raises(ImageReadError, match="symbolic link loop"):
+        load_input_image(inputs["loop.jpg"], "loop.jpg")

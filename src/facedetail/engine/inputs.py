@@ -40,8 +40,11 @@ def _suffixes(extensions: Sequence[str]) -> tuple[str, ...]:
 def list_images(folder: str | os.PathLike, extensions: Sequence[str] = DEFAULT_IMAGE_EXTENSIONS) -> tuple[list[Path], list[str]]:
     """Image files of a folder (recursive, sorted) and their names (paths relative to it); a single file is accepted.
 
+    A sub-folder that cannot be listed (permissions, I/O error) is returned as an entry too: reading it fails with
+    its reason, so it gets its report row instead of vanishing.
+
     Raises:
-        InputError: the folder does not exist or holds no file with an image extension.
+        InputError: the folder does not exist, cannot be listed, or holds no file with an image extension.
     """
     root = Path(folder)
     wanted = _suffixes(extensions)
@@ -49,8 +52,20 @@ def list_images(folder: str | os.PathLike, extensions: Sequence[str] = DEFAULT_I
         return [root], [root.name]
     if not root.is_dir():
         raise InputError(f"image folder not found: {root}")
-    # symlinks count even when broken or looping: reading them gives their report row, never a silent drop
-    files = sorted(p for p in root.rglob("*") if (p.is_file() or p.is_symlink()) and p.suffix.lower() in wanted)
+    # symlinks count even when broken or looping: reading them gives their report row, never a silent drop;
+    # so does a sub-folder that cannot be listed (its read gives "folder cannot be read"), never a silent skip
+    unreadable: list[Path] = []
+
+    def _unlistable(error: OSError) -> None:
+        if error.filename is not None and Path(error.filename) != root:
+            unreadable.append(Path(error.filename))
+        else:
+            raise InputError(f"cannot read image folder {root}: {error.strerror or error}") from error
+
+    files = []
+    for here, _, names in os.walk(root, onerror=_unlistable):
+        files.extend(Path(here) / n for n in names if Path(n).suffix.lower() in wanted)
+    files = sorted(files + unreadable)
     if not files:
         raise InputError(f"no images in {root} (looked for files ending in {', '.join(wanted)})")
     return files, [p.relative_to(root).as_posix() for p in files]
