@@ -33,4 +33,5 @@ from facedetail.hooks import DatasetLineageHooks, ExecutionHooks, UserErrorHooks
 
 # kedro-mlflow's hooks register themselves (plugin entry point); ours validate the parameters first,
 # record dataset lineage in the MLflow run and stop the run's Dask cluster at the end.
-HOOKS = (ValidateParametersHook(), UserErrorHooks(), DatasetLineageHooks(), ExecutionHooks())
+# UserErrorHooks before ValidateParametersHook: among `tryfirst` hooks the later registered runs first (parameters, then the raw folder)
+HOOKS = (UserErrorHooks(), ValidateParametersHook(), DatasetLineageHooks(), ExecutionHooks())

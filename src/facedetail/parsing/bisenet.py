@@ -314,7 +314,7 @@ def load_bisenet(path: str | os.PathLike, device: str | torch.device = "auto", b
     try:
         raw = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as error:  # pickle / zip errors: not a torch checkpoint at all
-        raise BiSeNetCheckpointError(f"BiSeNet weights '{file}' (weights.bisenet / FACEDETAIL_BISENET_WEIGHTS): "
+        raise BiSeNetCheckpointError(f"BiSeNet weights '{file}' (weights.bisenet / FACEDETAIL_BISENET_WEIGHTS) cannot be read: "
                                      f"{torch_load_problem(error)}") from error
     state_dict = _extract_state_dict(raw, file)
     resolved = resolve_device(device)

@@ -173,7 +173,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # noqa: BLE001 - re-raised with the path and the cause
-        raise CheckpointError(f"{path} is not a facedetail checkpoint: {torch_load_problem(error)}") from error
+        raise CheckpointError(f"cannot read checkpoint {path}: it is not a facedetail checkpoint "
+                              f"({torch_load_problem(error)})") from error
     if not isinstance(state, dict) or "generator" not in state or "model_config" not in state:
         keys = list(state)[:8] if isinstance(state, dict) else type(state).__name__
         raise CheckpointError(
