@@ -262,22 +262,21 @@ def test_no_partitions_and_full_disk_messages():
 # ---------------------------------------------------------------------------------------------- kill -9 trials
 @pytest.mark.slow
 @pytest.mark.skipif(not ICT_PATH.is_file(), reason="ICT-FaceKit model not found")
-def test_kill_9_preprocess_and_train_then_rerun(tmp_path):
-    """One uninterrupted run, then one killed + rerun trial per pipeline: nothing lost, nothing broken, same model."""
+def test_kill_9_a_train_run_then_rerun(tmp_path):
+    """One uninterrupted ``kedro run --pipeline=train`` (the per-face stages, training, evaluation) from scratch, then
+    one killed at a seeded random moment and rerun: nothing lost, no broken version, the same final model.
+
+    Kept to one trial (the whole chain, so the kill may land in a stage or in training); the benchmark
+    (``benchmarks/fault_injection.py``) runs 20, alternating ``preprocess`` and ``train`` kills.
+    """
     harness = _harness()
     reference = tmp_path / "reference"
     env = harness.make_project(reference)
-    rc, preprocess_seconds, log = harness.kedro_run(reference, "preprocess", env)
-    assert rc == 0, log
-    shutil.copytree(reference, tmp_path / "preprocessed", symlinks=True)
-    rc, train_seconds, log = harness.kedro_run(reference, "train", env)
+    rc, seconds, log = harness.kedro_run(reference, "train", env)
     assert rc == 0, log
     assert not harness.version_problems(reference / "data")
-    rng = random.Random(0)
-    for pipeline, seconds in (("preprocess", preprocess_seconds), ("train", train_seconds)):
-        ok, message = harness.kill_trial(reference, tmp_path / pipeline, pipeline, seconds, rng, "synchronous",
-                                         seed_from=tmp_path / "preprocessed" if pipeline == "train" else None)
-        assert ok, message
+    ok, message = harness.kill_trial(reference, tmp_path / "trial", "train", seconds, random.Random(0), "synchronous")
+    assert ok, message
 
 
 # ---------------------------------------------------------------------------------------------- per-file isolation
