@@ -247,7 +247,7 @@ def test_no_partitions_and_full_disk_messages():
     from facedetail.hooks import user_error_message
 
     message = user_error_message(DatasetError("No partitions found in '/nowhere/faces'"))
-    assert "'/nowhere/faces' does not exist" in message and "FACEDETAIL_RAW_FACES" in message
+    assert "'/nowhere/faces' does not exist" in message and "FACEDETAIL_RAW_FACES" in message and "FACEDETAIL_INFERENCE_IMAGES" in message
     try:
         try:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/data/06_models/checkpoints/step_00000004.pt")

@@ -154,6 +154,8 @@ class ValidateParametersHook:
 #: The catalog entry of the raw photos and the environment variable that overrides its folder.
 RAW_FACES_DATASET = "raw_faces"
 RAW_FACES_ENV = "FACEDETAIL_RAW_FACES"
+#: The environment variable of the inference pipeline's photo folder (catalog entry ``inference_images``).
+INFERENCE_IMAGES_ENV = "FACEDETAIL_INFERENCE_IMAGES"
 
 
 class RunSettingError(click.ClickException):
@@ -202,9 +204,11 @@ def user_error_message(error: BaseException) -> str | None:
             return (saving or f"{current.strerror or 'No space left on device'} while writing {where}") + \
                 "; free space on that disk or move the data folder"
         text = str(current)
-        if "No partitions found in" in text:
+        if "No partitions found in" in text:  # an input folder of photos (raw_faces, inference_images) is empty
             folder = text.split("No partitions found in", 1)[1].strip().strip("'\"")
-            return raw_folder_problem(folder) or f"no files in '{folder}'; point {RAW_FACES_ENV} at a folder of images"
+            problem = raw_folder_problem(folder) or f"no files in '{folder}'"
+            return problem.split(";")[0] + (f"; put photos there or point {RAW_FACES_ENV} (data_prep) or "
+                                            f"{INFERENCE_IMAGES_ENV} (inference) at a folder of images")
         current = current.__cause__ or current.__context__
     return None
 
