@@ -327,3 +327,28 @@ def test_inference_pipeline_reads_local_partitions_by_path_so_os_errors_are_rows
         load_input_image(inputs["dangling.jpg"], "dangling.jpg")
     with pytest.raises(ImageReadError, match="symbolic link loop"):
         load_input_image(inputs["loop.jpg"], "loop.jpg")
+
+
+def test_the_mlflow_database_is_created_atomically(tmp_path, monkeypatch):
+    """A run killed while MLflow built its schema left a half-built mlruns.db that failed every later run
+    ("table ... already exists"; found by benchmarks/fault_injection.py): the database is now built aside and renamed."""
+    import mlflow.store.db.utils as db_utils
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    from facedetail.hooks import ensure_tracking_database
+
+    real = db_utils._initialize_tables
+
+    def killed(engine):
+        real(engine)
+        raise KeyboardInterrupt("killed during the migrations")
+
+    monkeypatch.setattr(db_utils, "_initialize_tables", killed)
+    with pytest.raises(KeyboardInterrupt):
+        ensure_tracking_database("sqlite:///mlruns.db", tmp_path)
+    assert list(tmp_path.iterdir()) == []  # nothing half-built left
+    monkeypatch.setattr(db_utils, "_initialize_tables", real)
+    assert ensure_tracking_database("sqlite:///mlruns.db", tmp_path) == tmp_path / "mlruns.db"
+    assert ensure_tracking_database("sqlite:///mlruns.db", tmp_path) is None  # exists: left alone
+    store = SqlAlchemyStore(f"sqlite:///{tmp_path / 'mlruns.db'}", str(tmp_path / "artifacts"))
+    assert store.create_experiment("faults") and [p.name for p in tmp_path.iterdir() if p.suffix == ".db"] == ["mlruns.db"]

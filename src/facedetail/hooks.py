@@ -238,3 +238,46 @@ class UserErrorHooks:
         message = user_error_message(error)
         if message is not None:
             raise RunSettingError(message) from error
+
+
+def ensure_tracking_database(uri: str, project_path: str | os.PathLike) -> Path | None:
+    """Create a missing SQLite MLflow database atomically: tables built in a temporary file, renamed into place.
+
+    MLflow creates its schema in many migration steps; a run killed during them (``kill -9`` in the first
+    seconds of the first ``kedro run``) left a half-built ``mlruns.db`` on which every later run failed ("table ...
+    already exists"). Returns the database path when it was created here, else None (not SQLite, or it exists).
+    """
+    if not str(uri).startswith("sqlite:///"):
+        return None
+    path = Path(str(uri)[len("sqlite:///"):])
+    path = path if path.is_absolute() else Path(project_path) / path
+    if path.exists():
+        return None
+    from mlflow.store.db.utils import _initialize_tables, create_sqlalchemy_engine
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        engine = create_sqlalchemy_engine(f"sqlite:///{tmp}")
+        _initialize_tables(engine)
+        engine.dispose()
+        if path.exists():  # another run created it meanwhile: keep theirs
+            return None
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return path
+
+
+class TrackingDatabaseHooks:
+    """Create the run's SQLite MLflow database atomically before kedro-mlflow opens it (``tryfirst``)."""
+
+    @hook_impl(tryfirst=True)
+    def after_context_created(self, context: Any) -> None:
+        try:
+            server = (context.config_loader["mlflow"] or {}).get("server", {})
+        except Exception:  # noqa: BLE001 - no mlflow.yml: kedro-mlflow's defaults (not SQLite)
+            return
+        for key in ("mlflow_tracking_uri", "mlflow_registry_uri"):
+            if server.get(key):
+                ensure_tracking_database(str(server[key]), context.project_path)

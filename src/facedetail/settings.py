@@ -29,9 +29,10 @@ CONFIG_LOADER_ARGS = {
     },
 }
 
-from facedetail.hooks import DatasetLineageHooks, ExecutionHooks, UserErrorHooks, ValidateParametersHook  # noqa: E402 - after the telemetry variables
+from facedetail.hooks import (  # noqa: E402 - after the telemetry variables
+    DatasetLineageHooks, ExecutionHooks, TrackingDatabaseHooks, UserErrorHooks, ValidateParametersHook)  # noqa: E402 - after the telemetry variables
 
 # kedro-mlflow's hooks register themselves (plugin entry point); ours validate the parameters first,
 # record dataset lineage in the MLflow run and stop the run's Dask cluster at the end.
 # UserErrorHooks before ValidateParametersHook: among `tryfirst` hooks the later registered runs first (parameters, then the raw folder)
-HOOKS = (UserErrorHooks(), ValidateParametersHook(), DatasetLineageHooks(), ExecutionHooks())
+HOOKS = (UserErrorHooks(), ValidateParametersHook(), DatasetLineageHooks(), ExecutionHooks(), TrackingDatabaseHooks())
