@@ -5,7 +5,8 @@ Kill trials (a subprocess ``kedro run`` in a temporary copy of the project, tiny
 5 photos in 3 shards, ``FACEDETAIL_DASK_SCHEDULER=synchronous`` unless ``--scheduler local``):
 
 * ``preprocess``: kill ``kedro run --pipeline=preprocess`` after ``U(0, 1) x`` the uninterrupted run's time, rerun;
-* ``train``: on a preprocessed project, kill ``kedro run --pipeline=train`` the same way, rerun.
+* ``train``: on a preprocessed project, kill ``kedro run --pipeline=train`` the same way, rerun;
+* the last ``--mlflow-setup-trials`` (2) trials kill the run as soon as its MLflow database file appears.
 
 Each trial checks that the rerun succeeds; that no version folder is broken (every sharded version has
 ``meta.json`` and shards matching their sha256, every versioned file loads); that the final faces (ids of the
@@ -84,15 +85,22 @@ def project_env(folder: Path, scheduler: str = "synchronous") -> dict[str, str]:
 
 
 def kedro_run(folder: Path, pipeline: str, env: dict[str, str], kill_after: float | None = None,
-              timeout: float = 900) -> tuple[int | None, float, str]:
+              timeout: float = 900, kill_when: Callable[[], bool] | None = None) -> tuple[int | None, float, str]:
     """Run ``kedro run --pipeline=<pipeline>`` in ``folder``; ``kill_after`` seconds: SIGKILL it (and its children).
 
+    ``kill_when``: instead, SIGKILL it as soon as this returns True (polled every 10 ms).
     Returns ``(return code or None when killed, seconds, last output)``.
     """
     tic = time.perf_counter()
     with tempfile.TemporaryFile("w+") as log:
         process = subprocess.Popen([sys.executable, "-m", "kedro", "run", f"--pipeline={pipeline}"], cwd=folder, env=env,
                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        while kill_when is not None and process.poll() is None:
+            if kill_when():
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+                return None, time.perf_counter() - tic, ""
+            time.sleep(0.01)
         try:
             process.wait(timeout=kill_after if kill_after is not None else timeout)
         except subprocess.TimeoutExpired:
@@ -182,13 +190,21 @@ def same_weights(a: dict[str, Any], b: dict[str, Any]) -> bool:
 
 # ---------------------------------------------------------------------------------------------- trials
 def kill_trial(reference: Path, trial: Path, pipeline: str, seconds: float, rng: random.Random, scheduler: str,
-               seed_from: Path | None = None) -> tuple[bool, str]:
-    """One kill -9 + rerun trial; ``seed_from``: copy this project's data/ first (train trials start preprocessed)."""
+               seed_from: Path | None = None, during_mlflow_setup: bool = False) -> tuple[bool, str]:
+    """One kill -9 + rerun trial; ``seed_from``: copy this project's data/ first (train trials start preprocessed).
+
+    ``during_mlflow_setup``: kill as soon as the MLflow database file (or its temporary build) appears, i.e. while
+    MLflow builds its schema (a half-built ``mlruns.db`` used to fail every later run).
+    """
     env = make_project(trial, scheduler)
     if seed_from is not None:
         shutil.copytree(seed_from / "data", trial / "data", dirs_exist_ok=True, symlinks=True)
     kill_after = rng.uniform(0.05, 1.0) * seconds
-    killed_rc, _, _ = kedro_run(trial, pipeline, env, kill_after=kill_after)
+    if during_mlflow_setup:
+        watch = lambda: any(trial.glob("*mlruns.db*"))  # noqa: E731
+        killed_rc, kill_after, _ = kedro_run(trial, pipeline, env, kill_when=watch)
+    else:
+        killed_rc, _, _ = kedro_run(trial, pipeline, env, kill_after=kill_after)
     rc, _, log = kedro_run(trial, pipeline, env)
     if rc != 0:
         return False, f"rerun failed (rc {rc}) after a kill at {kill_after:.1f}s: {log[-800:]}"
@@ -273,6 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scheduler", default="synchronous", help="synchronous | local (a Dask LocalCluster)")
     parser.add_argument("--folder", default=None, help="where the projects go (default: a temporary folder)")
     parser.add_argument("--keep", action="store_true", help="keep the projects")
+    parser.add_argument("--mlflow-setup-trials", type=int, default=2,
+                        help="of the kill trials, how many (the last ones) kill while MLflow builds its database")
     args = parser.parse_args(argv)
     if not ICT.is_file():
         print(f"ICT-FaceKit model not found at {ICT}", file=sys.stderr)
@@ -299,8 +317,10 @@ def main(argv: list[str] | None = None) -> int:
             pipeline = "preprocess" if number % 2 == 0 else "train"
             seconds = preprocess_seconds if pipeline == "preprocess" else train_seconds
             trial = root / f"trial-{number:02d}"
+            mlflow_setup = number >= args.trials - args.mlflow_setup_trials  # the last ones: kill in MLflow's setup
             ok, message = kill_trial(reference, trial, pipeline, seconds, rng, args.scheduler,
-                                     seed_from=seeded if pipeline == "train" else None)
+                                     seed_from=seeded if pipeline == "train" else None, during_mlflow_setup=mlflow_setup)
+            message += " (killed during MLflow's database setup)" if mlflow_setup else ""
             results.append(ok)
             print(f"trial {number:2d} {'survived' if ok else 'FAILED  '}: {message}", flush=True)
             if ok and not args.keep:
