@@ -352,7 +352,6 @@ class ShardedFaceDataset(AbstractVersionedDataset):
         if not isinstance(data, FaceShards):
             raise DatasetError(f"ShardedFaceDataset expects FaceShards, got {type(data).__name__}")
         final = Path(str(self._get_save_path()))
-        created_parent = not final.parent.exists()
         final.parent.mkdir(parents=True, exist_ok=True)
         staging = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
         staging.mkdir()
@@ -371,8 +370,6 @@ class ShardedFaceDataset(AbstractVersionedDataset):
             os.rename(staging, final)
         except BaseException as error:
             shutil.rmtree(staging, ignore_errors=True)
-            if created_parent and final.parent.is_dir() and not any(final.parent.iterdir()):
-                final.parent.rmdir()  # no empty version folder left behind
             if isinstance(error, OSError):
                 raise DatasetError(f"cannot write '{final}': {error.strerror or error} (while writing "
                                    f"'{error.filename or staging}'; nothing was saved; the previous version is intact)") from error
