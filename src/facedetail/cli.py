@@ -16,6 +16,7 @@ Exit status: 0 on success, 1 when nothing could be produced (no face in any imag
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
@@ -501,14 +502,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    from facedetail.utils import SettingError  # here: utils imports torch, `kedro` imports this module on every command
+
     try:
         return int(args.handler(args) or 0)
     except CliError as error:
         print(f"facedetail {args.command}: error: {error}", file=sys.stderr)
         return error.code
-    except FileNotFoundError as error:
-        print(f"facedetail {args.command}: error: {error}", file=sys.stderr)
+    except (FileNotFoundError, SettingError) as error:  # one line, no traceback: the path and the setting to change
+        print(f"facedetail {args.command}: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
+    except OSError as error:
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):  # disk full: name the file being written
+            print(f"facedetail {args.command}: error: {error.strerror}: '{error.filename}' (free space there, or "
+                  "choose another OUT_DIR / estimation.cache_dir)", file=sys.stderr)
+            return 2
+        raise
 
 
 if __name__ == "__main__":

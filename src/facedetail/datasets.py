@@ -368,8 +368,11 @@ class ShardedFaceDataset(AbstractVersionedDataset):
             meta = {"shards": names, "shard_sha256": list(data.shard_sha256), "faces": int(len(data.index)), "meta": data.meta}
             (staging / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
             os.rename(staging, final)
-        except BaseException:
+        except BaseException as error:
             shutil.rmtree(staging, ignore_errors=True)
+            if isinstance(error, OSError):
+                raise DatasetError(f"cannot write '{final}': {error.strerror or error} (while writing "
+                                   f"'{error.filename or staging}'; nothing was saved; the previous version is intact)") from error
             raise
         self._fs.invalidate_cache(str(self._filepath))
 

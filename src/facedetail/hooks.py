@@ -10,11 +10,16 @@
   ``KILLED`` the runs a dead process left ``RUNNING`` (``facedetail.tracking``).
 * :class:`ValidateParametersHook` checks the run's parameters (``facedetail.config``) before any
   node runs.
+* :class:`UserErrorHooks` checks the raw faces folder before the run and turns the errors a user
+  fixes by changing a setting or a file (a :class:`~facedetail.utils.SettingError`, no partitions,
+  a full disk) into one line: ``Error: ...`` with exit status 2 from ``kedro run``.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
+import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -220,3 +225,135 @@ class ValidateParametersHook:
         problems = parameter_problems(params or {})
         if problems:
             raise InvalidParametersError(problems)
+
+
+#: The catalog entry of the raw photos and the environment variable that overrides its folder.
+RAW_FACES_DATASET = "raw_faces"
+RAW_FACES_ENV = "FACEDETAIL_RAW_FACES"
+#: The environment variable of the inference pipeline's photo folder (catalog entry ``inference_images``).
+INFERENCE_IMAGES_ENV = "FACEDETAIL_INFERENCE_IMAGES"
+
+
+class RunSettingError(click.ClickException):
+    """An error the user fixes with a setting or a file; ``kedro run`` prints ``Error: <one line>``, exit status 2."""
+
+    exit_code = 2
+
+    def __init__(self, message: str) -> None:
+        super().__init__(" ".join(str(message).split()))
+
+
+def raw_folder_problem(path: str) -> str | None:
+    """Why the raw faces folder ``path`` cannot feed ``data_prep`` (missing, not a folder, no files), else None.
+
+    Only local folders are checked (other filesystems are listed by ``PartitionedDataset`` itself).
+    """
+    if "://" in str(path) and not str(path).startswith("file://"):
+        return None
+    folder = Path(str(path).removeprefix("file://"))
+    hint = f"put photos there or point {RAW_FACES_ENV} (catalog entry {RAW_FACES_DATASET}.path) at a folder of images"
+    if not folder.exists():
+        return f"raw faces folder '{folder}' does not exist; {hint}"
+    if not folder.is_dir():
+        return f"raw faces folder '{folder}' is not a folder; {hint}"
+    for _, _, files in os.walk(folder):  # unreadable sub-folders are skipped (data_prep reports what it reads)
+        if files:
+            return None
+    return f"raw faces folder '{folder}' holds no files; {hint}"
+
+
+def user_error_message(error: BaseException) -> str | None:
+    """The one-line message of an error the user fixes by a setting or a file, else None (a bug: keep the traceback)."""
+    from facedetail.utils import SettingError
+
+    seen: set[int] = set()
+    saving = None  # a dataset's own "cannot write '<path>' ..." message, the best one for a full disk
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:  # the error or one of its causes
+        seen.add(id(current))
+        if isinstance(current, SettingError):
+            return str(current)
+        if saving is None and str(current).startswith("cannot write '"):
+            saving = str(current)
+        if isinstance(current, OSError) and current.errno in (errno.ENOSPC, errno.EDQUOT):
+            where = f"'{current.filename}'" if current.filename else "(unknown file)"
+            return (saving or f"{current.strerror or 'No space left on device'} while writing {where}") + \
+                "; free space on that disk or move the data folder"
+        text = str(current)
+        if "No partitions found in" in text:  # an input folder of photos (raw_faces, inference_images) is empty
+            folder = text.split("No partitions found in", 1)[1].strip().strip("'\"")
+            problem = raw_folder_problem(folder) or f"no files in '{folder}'"
+            return problem.split(";")[0] + (f"; put photos there or point {RAW_FACES_ENV} (data_prep) or "
+                                            f"{INFERENCE_IMAGES_ENV} (inference) at a folder of images")
+        current = current.__cause__ or current.__context__
+    return None
+
+
+class UserErrorHooks:
+    """One-line errors for bad settings and files in ``kedro run`` (see :class:`RunSettingError`)."""
+
+    @hook_impl(tryfirst=True)
+    def before_pipeline_run(self, run_params: dict[str, Any], pipeline: Any, catalog: Any) -> None:
+        """Before kedro-mlflow opens a run (``tryfirst``): a missing or empty raw folder stops the run here."""
+        if RAW_FACES_DATASET not in pipeline.inputs():
+            return
+        try:
+            dataset = catalog[RAW_FACES_DATASET]
+        except Exception:  # noqa: BLE001 - not in the catalog: Kedro reports it
+            return
+        path = getattr(dataset, "_path", None)
+        problem = raw_folder_problem(str(path)) if path is not None else None
+        if problem:
+            raise RunSettingError(problem)
+
+    @hook_impl(trylast=True)
+    def on_pipeline_error(self, error: BaseException) -> None:
+        """Runs after the other hooks (kedro-mlflow ends its run first); raising replaces the error Kedro re-raises."""
+        if isinstance(error, click.ClickException):
+            return
+        message = user_error_message(error)
+        if message is not None:
+            raise RunSettingError(message) from error
+
+
+def ensure_tracking_database(uri: str, project_path: str | os.PathLike) -> Path | None:
+    """Create a missing SQLite MLflow database atomically: tables built in a temporary file, renamed into place.
+
+    MLflow creates its schema in many migration steps; a run killed during them (``kill -9`` in the first
+    seconds of the first ``kedro run``) left a half-built ``mlruns.db`` on which every later run failed ("table ...
+    already exists"). Returns the database path when it was created here, else None (not SQLite, or it exists).
+    """
+    if not str(uri).startswith("sqlite:///"):
+        return None
+    path = Path(str(uri)[len("sqlite:///"):])
+    path = path if path.is_absolute() else Path(project_path) / path
+    if path.exists():
+        return None
+    from mlflow.store.db.utils import _initialize_tables, create_sqlalchemy_engine
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        engine = create_sqlalchemy_engine(f"sqlite:///{tmp}")
+        _initialize_tables(engine)
+        engine.dispose()
+        if path.exists():  # another run created it meanwhile: keep theirs
+            return None
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return path
+
+
+class TrackingDatabaseHooks:
+    """Create the run's SQLite MLflow database atomically before kedro-mlflow opens it (``tryfirst``)."""
+
+    @hook_impl(tryfirst=True)
+    def after_context_created(self, context: Any) -> None:
+        try:
+            server = (context.config_loader["mlflow"] or {}).get("server", {})
+        except Exception:  # noqa: BLE001 - no mlflow.yml: kedro-mlflow's defaults (not SQLite)
+            return
+        for key in ("mlflow_tracking_uri", "mlflow_registry_uri"):
+            if server.get(key):
+                ensure_tracking_database(str(server[key]), context.project_path)

@@ -42,9 +42,18 @@ CONFIG_LOADER_ARGS = {
     },
 }
 
-from facedetail.hooks import DatasetLineageHooks, ExecutionHooks, RunTrackingHooks, ValidateParametersHook  # noqa: E402 - after the telemetry variables
+from facedetail.hooks import (  # noqa: E402 - after the telemetry variables
+    DatasetLineageHooks,
+    ExecutionHooks,
+    RunTrackingHooks,
+    TrackingDatabaseHooks,
+    UserErrorHooks,
+    ValidateParametersHook,
+)
 
-# kedro-mlflow's hooks register themselves (plugin entry point); ours validate the parameters first,
-# name and tag the MLflow run (and mark runs of dead processes KILLED), record dataset lineage in it,
-# and stop the run's Dask cluster at the end.
-HOOKS = (ValidateParametersHook(), RunTrackingHooks(), DatasetLineageHooks(), ExecutionHooks())
+# kedro-mlflow's hooks register themselves (plugin entry point); ours check the raw folder and validate the
+# parameters first (among `tryfirst` hooks the later registered runs first: parameters, then the raw folder),
+# name and tag the MLflow run (and mark runs of dead processes KILLED), record dataset lineage in it, stop the
+# run's Dask cluster after the per-face stages, and create the MLflow database atomically.
+HOOKS = (UserErrorHooks(), ValidateParametersHook(), RunTrackingHooks(), DatasetLineageHooks(), ExecutionHooks(),
+         TrackingDatabaseHooks())

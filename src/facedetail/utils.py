@@ -14,6 +14,33 @@ import numpy as np
 import torch
 
 
+class SettingError(ValueError):
+    """A setting or a user-supplied file is wrong (missing weights, a garbage model file, CUDA without CUDA...).
+
+    The message is one line naming the path and the setting to change. Such an error is never a per-face
+    failure: the stage runner lets it stop the run, ``facedetail`` prints it as one line (exit status 2) and
+    ``kedro run`` as ``Error: ...`` (exit status 2, :class:`facedetail.hooks.UserErrorHooks`).
+    """
+
+
+class DeviceUnavailableError(SettingError, RuntimeError):
+    """A CUDA device was requested on a machine without CUDA."""
+
+
+def torch_load_problem(error: BaseException) -> str:
+    """Why ``torch.load(..., weights_only=True)`` refused a file, in a few words on one line.
+
+    Torch's own message advises loading "with weights_only set to False" (running the file's code): never
+    repeat that; keep the unpickler's reason only.
+    """
+    text = str(error)
+    if "WeightsUnpickler error:" in text:
+        reason = text.split("WeightsUnpickler error:", 1)[1].strip().splitlines()[0].strip()
+        return f"not a plain torch.save file of tensors ({reason or 'unsupported content'})"
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    return f"not a readable torch.save file ({type(error).__name__}{': ' + first[:200] if first else ''})"
+
+
 def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
     """Turn a device setting into a ``torch.device``.
 
@@ -26,7 +53,8 @@ def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(str(name))
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device '{name}' was requested but CUDA is not available on this machine; use 'auto' or 'cpu'")
+        raise DeviceUnavailableError(f"device '{name}' was requested but CUDA is not available on this machine; "
+                                     "set --device / the 'device' parameter (FACEDETAIL_DEVICE) to 'auto' or 'cpu'")
     return device
 
 

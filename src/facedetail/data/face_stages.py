@@ -319,7 +319,7 @@ class MaskStage(_BatchedStage):
 
     def __init__(self, params, weights: Mapping[str, Any], device: str = "auto") -> None:
         super().__init__(params, device)
-        path = optional_weights_path(weights.get("bisenet"))
+        path = optional_weights_path(weights.get("bisenet"), "bisenet")
         self.bisenet_path = str(path) if path is not None else None
 
     def settings(self) -> dict[str, Any]:
@@ -389,7 +389,7 @@ class CoefficientStage(_BatchedStage):
     def __init__(self, params, face_model_params: Mapping[str, Any], weights: Mapping[str, Any], device: str = "auto") -> None:
         super().__init__(params, device)
         self.face_model_params = dict(face_model_params)
-        deng = optional_weights_path(weights.get("deng_regressor"))
+        deng = optional_weights_path(weights.get("deng_regressor"), "deng_regressor")
         self.deng_path = str(deng) if deng is not None else None
 
     def _model_path(self) -> str:

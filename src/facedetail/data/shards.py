@@ -102,8 +102,10 @@ def write_shard(path: str | os.PathLike, records: Sequence[Mapping[str, Any]]) -
             raw.flush()
             os.fsync(raw.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(error, OSError) and error.filename is None:
+            error.filename = str(path)  # "No space left on device: '<shard>'" names the shard being written
         raise
     return digest.hexdigest()
 

@@ -8,11 +8,13 @@ A :class:`ShardStage` turns shard ``k`` of its inputs into shard ``k`` of its ou
   and the sha256 of its input shards, in the work folder; a task whose result exists (and whose
   shard still matches its recorded hash) is skipped, so a killed run resumes shard by shard;
 * loads its models once per worker process (:func:`stage_state`), not once per shard;
-* never fails the run: an exception becomes a failed status for every face of the shard, with
+* never fails the run for bad data: an exception (other than a
+  :class:`~facedetail.utils.SettingError`: wrong weights, model file or device) becomes a failed status for every face of the shard, with
   the reason, and the other shards go on.
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -32,7 +34,7 @@ from facedetail.data.shards import (
     index_rows,
     write_shard,
 )
-from facedetail.utils import atomic_write_bytes, settings_hash
+from facedetail.utils import SettingError, atomic_write_bytes, settings_hash
 
 logger = logging.getLogger(__name__)
 
@@ -166,6 +168,14 @@ def run_shard_task(stage: ShardStage, shard: ShardInput, work_dir: str) -> Shard
 
         inputs = [read_shard(p) for p in shard.paths]
         records, report = stage.process(stage_state(stage), shard, inputs)
+    except SettingError:
+        raise  # a wrong setting or model file (the same for every shard) stops the run with its one-line message
+    except OSError as error:
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise  # a full disk is not the shard's fault: stop, record nothing, so a rerun computes it
+        reason = f"{stage.name} task failed: {type(error).__name__}: {error}"
+        logger.error("%s shard %d: %s\n%s", stage.name, shard.number, reason, traceback.format_exc(limit=3))
+        records, report = stage.failed(shard, reason)
     except Exception as error:  # noqa: BLE001 - one shard's failure is recorded, the run goes on
         reason = f"{stage.name} task failed: {type(error).__name__}: {error}"
         logger.error("%s shard %d: %s\n%s", stage.name, shard.number, reason, traceback.format_exc(limit=3))

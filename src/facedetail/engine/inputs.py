@@ -51,16 +51,31 @@ def list_images(folder: str | os.PathLike, extensions: Sequence[str] = DEFAULT_I
     Files are recognised by content, not by name: every file is an input, and one that is not an image gets its
     report row (``not_an_image``) when read. ``extensions`` only spares a look inside for the usual names.
 
+    A sub-folder that cannot be listed (permissions, I/O error) is returned as an entry too: reading it fails with
+    its reason, so it gets its report row instead of vanishing.
+
     Raises:
-        InputError: the folder does not exist, or none of its files is an image (by extension or content).
+        InputError: the folder does not exist, cannot be listed, or none of its files is an image (by extension or content).
     """
     root = Path(folder)
     if root.is_file():
         return [root], [root.name]
     if not root.is_dir():
         raise InputError(f"image folder not found: {root}")
-    # symlinks count even when broken or looping: reading them gives their report row, never a silent drop
-    files = sorted(p for p in root.rglob("*") if p.is_file() or p.is_symlink())
+    # symlinks count even when broken or looping: reading them gives their report row, never a silent drop;
+    # so does a sub-folder that cannot be listed (its read gives "folder cannot be read"), never a silent skip
+    unreadable: list[Path] = []
+
+    def _unlistable(error: OSError) -> None:
+        if error.filename is not None and Path(error.filename) != root:
+            unreadable.append(Path(error.filename))
+        else:
+            raise InputError(f"cannot read image folder {root}: {error.strerror or error}") from error
+
+    files = []
+    for here, _, names in os.walk(root, onerror=_unlistable):
+        files.extend(Path(here) / n for n in names)
+    files = sorted(files + unreadable)
     if not any(looks_like_image(p.name, extensions, p) for p in files):
         raise InputError(f"no images in {root} ({len(files)} file(s), none of them an image Pillow can read)")
     return files, [p.relative_to(root).as_posix() for p in files]

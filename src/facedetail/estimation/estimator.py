@@ -14,17 +14,35 @@ import numpy as np
 import torch
 
 from facedetail.geometry.face_model import FaceModel
+from facedetail.utils import SettingError
 from facedetail.geometry.face_uv import fitted_screen_vertices
 from facedetail.estimation.fitting import FitSettings, expression_from_blendshapes, fit_coefficients
 
 logger = logging.getLogger(__name__)
 
 
-def optional_weights_path(path: str | os.PathLike | None) -> Path | None:
-    """A configured weights path, or None when it is empty or the file does not exist."""
+#: The environment variable that overrides each ``weights.*`` setting (conf/base/parameters.yml), for messages.
+WEIGHTS_ENV = {"bisenet": "FACEDETAIL_BISENET_WEIGHTS", "deng_regressor": "FACEDETAIL_DENG_WEIGHTS",
+               "facenet": "FACEDETAIL_FACENET_WEIGHTS"}
+
+
+def optional_weights_path(path: str | os.PathLike | None, setting: str = "") -> Path | None:
+    """A configured weights path, or None when it is empty (the open default of that component).
+
+    Args:
+        setting: the key under ``weights`` (``bisenet``, ``deng_regressor``...), named in the error.
+
+    Raises:
+        SettingError: the path is set but is not a file (a typo must not silently fall back to the default).
+    """
     if path is None or str(path).strip() in ("", "None", "null"):
         return None
-    return Path(path) if Path(path).is_file() else None
+    if not Path(path).is_file():
+        name = f"weights.{setting}" if setting else "the weights setting"
+        env = f" / {WEIGHTS_ENV[setting]}" if setting in WEIGHTS_ENV else ""
+        raise SettingError(f"weights file not found: '{path}' (set by {name}{env}); fix the path, or set it to \"\" "
+                           "to use the open default")
+    return Path(path)
 
 
 def mask_options(mask_params: Mapping[str, Any]) -> dict[str, Any]:

@@ -27,6 +27,7 @@ import torch
 from facedetail.geometry.camera import PerspectiveCamera
 from facedetail.geometry.holes import HoleFill, plan_hole_fill
 from facedetail.geometry.lighting import SH_COEFFS_PER_CHANNEL
+from facedetail.utils import SettingError
 
 BLOCK_ORDER = ("id", "exp", "tex", "angles", "gamma", "trans")
 
@@ -51,7 +52,7 @@ BFM_KEYS = {
 }
 
 
-class FaceModelFileError(ValueError):
+class FaceModelFileError(SettingError):
     """A face-model file exists but does not have the expected keys or shapes."""
 
 
@@ -297,9 +298,19 @@ def _require_file(path: str | Path, what: str, expected: Mapping[str, str]) -> P
     return path
 
 
+#: The setting (and its environment variable) that names each kind of face-model file, for messages.
+_SETTINGS = {"ICT": "face_model.ict_path / FACEDETAIL_ICT_MODEL", "BFM": "face_model.bfm_path / FACEDETAIL_BFM_MODEL",
+             "UV": "face_model.bfm_uv_path / FACEDETAIL_BFM_UV"}
+
+
 def _malformed(path: Path, what: str, problem: str, expected: Mapping[str, str]) -> FaceModelFileError:
+    """One-line error naming the file, its setting, the problem and the expected keys (a :class:`SettingError`)."""
     keys = "; ".join(f"{k} {v}" for k, v in expected.items())
-    return FaceModelFileError(f"malformed {what} file '{path}': {problem}. Expected keys: {keys}")
+    setting = next((v for k, v in _SETTINGS.items() if k in what), "face_model.*_path")
+    problem = " ".join(problem.split())  # one line
+    if "allow_pickle" in problem:  # numpy advises loading pickles unsafely: never
+        problem = problem.split("(", 1)[0] + "(holds pickled Python objects, refused)"
+    return FaceModelFileError(f"malformed {what} file '{path}' (set {setting}): {problem}. Expected keys: {keys}")
 
 
 def _check_indices(array: np.ndarray, upper: int, name: str, path: Path, what: str, expected: Mapping[str, str]) -> None:

@@ -112,6 +112,11 @@ def _read_source(source: str | Path | bytes | bytearray | memoryview) -> tuple[b
     path = Path(source)
     try:
         if path.is_dir():
+            try:
+                os.listdir(path)
+            except OSError as error:  # a folder the recursive search could not enter (engine.inputs.list_images)
+                raise ImageReadError(f"{path}: folder cannot be read ({error.strerror or error}); the photos in it were "
+                                     "skipped (check its permissions)", status="unreadable") from error
             raise ImageReadError(f"{path}: is a directory, expected an image file", status="not_an_image")
         return path.read_bytes(), str(path)
     except ImageReadError:

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from facedetail.utils import resolve_device
+from facedetail.utils import SettingError, resolve_device, torch_load_problem
 
 N_CLASSES = 19
 INPUT_SIZE = 512
@@ -43,7 +43,7 @@ LABEL_NAMES: tuple[str, ...] = (
 DEFAULT_MASK_LABELS: tuple[int, ...] = (1, 2, 3, 10, 12, 13)
 
 
-class BiSeNetCheckpointError(ValueError):
+class BiSeNetCheckpointError(SettingError):
     """The file is not a BiSeNet face-parsing state dict of the expected layout."""
 
 
@@ -314,7 +314,8 @@ def load_bisenet(path: str | os.PathLike, device: str | torch.device = "auto", b
     try:
         raw = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as error:  # pickle / zip errors: not a torch checkpoint at all
-        raise BiSeNetCheckpointError(f"{file}: cannot be read as a torch checkpoint ({error})") from error
+        raise BiSeNetCheckpointError(f"BiSeNet weights '{file}' (weights.bisenet / FACEDETAIL_BISENET_WEIGHTS) cannot be read: "
+                                     f"{torch_load_problem(error)}") from error
     state_dict = _extract_state_dict(raw, file)
     resolved = resolve_device(device)
     net = BiSeNet(N_CLASSES)

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from facedetail.utils import atomic_torch_save
+from facedetail.utils import SettingError, atomic_torch_save, torch_load_problem
 
 __all__ = ["atomic_torch_save", "capture_rng_state", "restore_rng_state", "checkpoint_path", "latest_checkpoint",
            "load_checkpoint", "prune_checkpoints", "CheckpointError", "CheckpointLock", "CheckpointLockedError",
@@ -25,7 +25,7 @@ CHECKPOINT_PATTERN = re.compile(r"^step_(\d{8})\.pt$")
 LOCK_FILE = ".lock"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(SettingError, RuntimeError):
     """A checkpoint file that is missing, unreadable or not one of ours."""
 
 
@@ -173,7 +173,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # noqa: BLE001 - re-raised with the path and the cause
-        raise CheckpointError(f"cannot read checkpoint {path}: {error}") from error
+        raise CheckpointError(f"cannot read checkpoint {path}: it is not a facedetail checkpoint "
+                              f"({torch_load_problem(error)})") from error
     if not isinstance(state, dict) or "generator" not in state or "model_config" not in state:
         keys = list(state)[:8] if isinstance(state, dict) else type(state).__name__
         raise CheckpointError(

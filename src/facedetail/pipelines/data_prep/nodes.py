@@ -21,6 +21,7 @@ from facedetail.data.shards import FaceShards
 from facedetail.data.stages import ShardInput
 from facedetail.io.face_ids import image_stems
 from facedetail.io.images import ImageReadError, contact_sheet, draw_points, read_image
+from facedetail.utils import SettingError
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ def select_image_partitions(
     (Pillow reads the header) while checking that the folder holds at least one image.
 
     Raises:
-        ValueError: when no partition is an image by extension or content (an empty folder is an error, not a no-op).
+        SettingError: (a ValueError) when no partition is an image by extension or content (an empty folder is an error, not a no-op).
     """
     from facedetail.engine.inputs import looks_like_image
 
@@ -46,7 +47,7 @@ def select_image_partitions(
     if not any(looks_like_image(pid, extensions, _source_path(pid, loader)) for pid, loader in selected.items()):
         example = next(iter(partitions.values()), None)
         where = str(PurePosixPath(_source_path("", example)).parent) if example else folder_hint
-        raise ValueError(
+        raise SettingError(
             f"data_prep found no images in '{where}' ({len(partitions)} file(s), none of them an image Pillow can "
             "read); put photos there or point FACEDETAIL_RAW_FACES at a folder of images"
         )

@@ -38,6 +38,15 @@ def select_images(partitions: dict[str, Callable[[], bytes]], extensions: list[s
     return selected
 
 
+def _local_path_or_loader(loader: Callable[[], bytes]) -> Path | Callable[[], bytes]:
+    """A local partition's file path (its read errors become the same rows as ``facedetail fit``/``reconstruct``'s:
+    permission denied, broken link, link loop...), else the partition's loader."""
+    filepath = getattr(getattr(loader, "__self__", None), "filepath", None)
+    if filepath is None or "://" in str(filepath):
+        return loader
+    return Path(filepath)
+
+
 def reconstruct_and_export(
     inference_images: dict[str, Callable[[], bytes]],
     detail_model: dict[str, Any],
@@ -63,7 +72,7 @@ def reconstruct_and_export(
     out_dir = Path(inference_params["output_dir"])
     files: dict[str, dict[str, str]] = {}
     with Reconstructor.from_params(detail_model, params, device) as reconstructor:
-        for rec in reconstructor.iter_reconstructions(list(images.values()), list(images),
+        for rec in reconstructor.iter_reconstructions([_local_path_or_loader(loader) for loader in images.values()], list(images),
                                                       chunk_size=int(inference_params.get("chunk_size", 8))):
             files[rec.face_id] = export_face(rec, out_dir, reconstructor.face_model,
                                            units=inference_params.get("export_units"))
