@@ -121,7 +121,7 @@ def test_cuda_without_cuda_is_one_line_with_status_2(tmp_path, capsys):
     captured = capsys.readouterr()
     assert captured.err.strip().splitlines() == [
         "facedetail fit: error: --device cuda: device 'cuda' was requested but CUDA is not available on this "
-        "machine; use 'auto' or 'cpu'"]
+        "machine; set --device / the 'device' parameter (FACEDETAIL_DEVICE) to 'auto' or 'cpu'"]
     assert "Traceback" not in captured.err and not (tmp_path / "out").exists()
 
 

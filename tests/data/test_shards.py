@@ -122,14 +122,16 @@ def test_stage_runner_reuses_finished_shards_and_records_failures(tmp_path):
     assert list(result.index["status"]) == ["ok", "ok", "error", "error", "ok", "ok"]  # shard 1 failed, kept its faces
     assert "cannot double img3__f0" in result.index["reason"].iloc[2]
     assert int(read_shard(result.shards[2])[1]["image"][0, 0, 0]) == 10
-    again, _ = run_stage(_Double(fail=("img3__f0",)), shard_inputs([source]), work, lambda n: pytest.fail("nothing to compute"))
-    assert again.meta["shards_reused"] == 3 and again.shard_sha256 == result.shard_sha256
-    # a corrupt stored shard is detected by its hash and recomputed
-    result.shards[0].write_bytes(b"garbage")
+    # the finished shards are reused; the failed one is not finished and runs again (now without the failure)
     computed = []
-    third, _ = run_stage(_Double(fail=("img3__f0",)), shard_inputs([source]), work,
-                         lambda n: computed.append(n) or SynchronousExecutor())
-    assert computed == [1] and third.shard_sha256 == result.shard_sha256
+    again, _ = run_stage(_Double(), shard_inputs([source]), work, lambda n: computed.append(n) or SynchronousExecutor())
+    assert computed == [1] and again.meta["shards_reused"] == 2 and list(again.index["status"]) == ["ok"] * 6
+    assert again.shard_sha256[0] == result.shard_sha256[0] and again.shard_sha256[2] == result.shard_sha256[2]
+    # a corrupt stored shard is detected by its hash and recomputed
+    again.shards[0].write_bytes(b"garbage")
+    computed = []
+    third, _ = run_stage(_Double(), shard_inputs([source]), work, lambda n: computed.append(n) or SynchronousExecutor())
+    assert computed == [1] and third.shard_sha256 == again.shard_sha256
 
 
 def test_sharded_dataset_versions_are_published_atomically(tmp_path, monkeypatch):

@@ -163,6 +163,7 @@ def run_shard_task(stage: ShardStage, shard: ShardInput, work_dir: str) -> Shard
     if done is not None:
         return done
     path, record_path = _task_paths(stage, shard, work_dir)
+    failed = False
     try:
         from facedetail.data.shards import read_shard
 
@@ -170,19 +171,17 @@ def run_shard_task(stage: ShardStage, shard: ShardInput, work_dir: str) -> Shard
         records, report = stage.process(stage_state(stage), shard, inputs)
     except SettingError:
         raise  # a wrong setting or model file (the same for every shard) stops the run with its one-line message
-    except OSError as error:
-        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+    except Exception as error:  # noqa: BLE001 - one shard's failure is recorded, the run goes on
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
             raise  # a full disk is not the shard's fault: stop, record nothing, so a rerun computes it
         reason = f"{stage.name} task failed: {type(error).__name__}: {error}"
         logger.error("%s shard %d: %s\n%s", stage.name, shard.number, reason, traceback.format_exc(limit=3))
         records, report = stage.failed(shard, reason)
-    except Exception as error:  # noqa: BLE001 - one shard's failure is recorded, the run goes on
-        reason = f"{stage.name} task failed: {type(error).__name__}: {error}"
-        logger.error("%s shard %d: %s\n%s", stage.name, shard.number, reason, traceback.format_exc(limit=3))
-        records, report = stage.failed(shard, reason)
+        failed = True
     sha = write_shard(path, records)
     rows = index_rows(shard.number, records, stage.index_columns)
-    atomic_write_bytes(record_path, json.dumps({"sha256": sha, "rows": rows, "report": report}, default=_json_default).encode())
+    if not failed:  # a failed task is not finished: the next run computes it again (the failure may be transient)
+        atomic_write_bytes(record_path, json.dumps({"sha256": sha, "rows": rows, "report": report}, default=_json_default).encode())
     return ShardOutput(shard.number, str(path), sha, rows, report)
 
 
