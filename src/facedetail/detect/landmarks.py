@@ -177,10 +177,10 @@ def _check_images(images: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
     return array
 
 
-def _close_quietly(landmarker: object) -> None:
-    """Close a MediaPipe landmarker, ignoring errors of an already closed one."""
+def close_quietly(task: object) -> None:
+    """Close a MediaPipe task (landmarker, detector), ignoring errors of an already closed one."""
     try:
-        landmarker.close()  # type: ignore[attr-defined]
+        task.close()  # type: ignore[attr-defined]
     except Exception:  # noqa: BLE001 - closing twice or at teardown must not raise
         pass
 
@@ -205,7 +205,7 @@ class _MediaPipeBackend:
         self._landmarker = vision.FaceLandmarker.create_from_options(options)
         # Close the graph when this object goes away or at interpreter exit (MediaPipe's own __del__ fails
         # noisily during interpreter teardown).
-        self._finalizer = weakref.finalize(self, _close_quietly, self._landmarker)
+        self._finalizer = weakref.finalize(self, close_quietly, self._landmarker)
 
     def _run(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
         """Dense points (478, 2) in ``image`` pixels and blendshapes (52,), or None when no face is found."""
