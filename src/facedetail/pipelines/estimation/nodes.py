@@ -33,9 +33,11 @@ def _counts(stage: str, data: FaceShards) -> dict[str, dict[str, float]]:
     }
 
 
-def detect_landmarks(aligned_faces: FaceShards, estimation: dict[str, Any], device: str, execution: dict[str, Any]) -> FaceShards:
-    """68 iBUG landmarks of every aligned face (``estimation.landmarks.backend``: MediaPipe or FAN)."""
-    stage = LandmarkStage.from_estimation(estimation, device)
+def detect_landmarks(
+    aligned_faces: FaceShards, estimation: dict[str, Any], weights: dict[str, Any], device: str, execution: dict[str, Any]
+) -> FaceShards:
+    """68 iBUG landmarks of every aligned face (``estimation.landmarks.backend``: dlib, MediaPipe or FAN)."""
+    stage = LandmarkStage.from_estimation(estimation, device, weights)
     landmarks, _ = run_face_stage(stage, shard_inputs([aligned_faces]), execution)
     return landmarks
 

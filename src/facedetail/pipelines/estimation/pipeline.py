@@ -10,7 +10,7 @@ RUN = ["params:device", "params:execution"]
 def create_pipeline(**kwargs) -> Pipeline:
     return Pipeline(
         [
-            Node(detect_landmarks, inputs=["aligned_faces", "params:estimation", *RUN], outputs="face_landmarks",
+            Node(detect_landmarks, inputs=["aligned_faces", "params:estimation", "params:weights", *RUN], outputs="face_landmarks",
                  name="detect_landmarks"),
             Node(make_face_masks, inputs=["aligned_faces", "face_landmarks", "params:estimation", "params:weights", *RUN],
                  outputs="face_masks", name="make_face_masks"),
