@@ -1,6 +1,6 @@
 """facedetail: detailed 3D face reconstruction from single images (self-supervised attribute learning)."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 import os as _os
 

@@ -30,6 +30,7 @@ import math
 import os
 import re
 import tempfile
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -280,11 +281,14 @@ def register_detail_model(
         if face_model["kind"] == "ict":  # MIT licensed: the model travels with the artifact
             artifacts[ARTIFACT_FACE_MODEL] = str(face_model["ict_path"])
         example = pd.DataFrame({"image": [example_image_bytes()]})
-        signature = infer_signature(
-            example,
-            pd.DataFrame({"image": ["image_0"], "face_id": ["image_0__f0"], "mask_source": ["landmarks+skin_gmm"],
-                          "coefficients": [[0.0]], "landmarks68": [[[0.0, 0.0]]], "displacement": [[[0.0]]], "uv_size": [64]}),
-        )
+        with warnings.catch_warnings():
+            # MLflow hints that integer columns cannot hold missing values; uv_size is never missing
+            warnings.filterwarnings("ignore", message=r"Hint: Inferred schema contains integer column", category=UserWarning)
+            signature = infer_signature(
+                example,
+                pd.DataFrame({"image": ["image_0"], "face_id": ["image_0__f0"], "mask_source": ["landmarks+skin_gmm"],
+                              "coefficients": [[0.0]], "landmarks68": [[[0.0, 0.0]]], "displacement": [[[0.0]]], "uv_size": [64]}),
+            )
         info = mlflow.pyfunc.log_model(
             name="detail_model",
             python_model=str(MODEL_CODE),

@@ -67,7 +67,7 @@ def pipeline(params, tmp_path_factory) -> dict:
     execution = {"scheduler": "synchronous", "work_dir": str(tmp_path_factory.mktemp("work"))}
     estimation, weights, face_model = params["estimation"], params["weights"], params["face_model"]
     manifest, aligned = detect_and_align_faces(partitions, params["data_prep"], "cpu", execution)
-    landmarks = detect_landmarks(aligned, estimation, "cpu", execution)
+    landmarks = detect_landmarks(aligned, estimation, weights, "cpu", execution)
     masks = make_face_masks(aligned, landmarks, estimation, weights, "cpu", execution)
     estimates, report, _ = fit_face_coefficients(aligned, landmarks, masks, estimation, face_model, weights, "cpu", execution)
     uv_maps = build_uv_maps(aligned, estimates, params["uv_maps"], face_model, "cpu", execution)

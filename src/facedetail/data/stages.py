@@ -97,7 +97,10 @@ class ShardStage:
 
     @property
     def key(self) -> str:
-        return settings_hash({"stage": self.name, "settings": self.settings()})
+        from facedetail import __version__
+
+        # the package version is part of the key: an upgrade that changes a stage's code recomputes its shards
+        return settings_hash({"stage": self.name, "settings": self.settings(), "facedetail": __version__})
 
 
 def stage_state(stage: ShardStage) -> Any:

@@ -25,7 +25,10 @@ class FaceCache:
     def __init__(self, root: str | os.PathLike, stage: str, settings: Mapping[str, Any], enabled: bool = True) -> None:
         self.root = Path(root) / stage
         self.stage = stage
-        self.settings_key = settings_hash(dict(settings))
+        from facedetail import __version__
+
+        # an upgrade of facedetail (new code, same settings) does not reuse older results
+        self.settings_key = settings_hash({**dict(settings), "facedetail_version": __version__})
         self.enabled = enabled
         self.hits = 0
         self.misses = 0

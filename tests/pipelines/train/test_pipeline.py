@@ -220,3 +220,6 @@ def test_quickstart_notebook_runs_against_the_registered_model(trained, monkeypa
     text = "".join(out.get("text", "") for out in outputs if out.get("output_type") == "stream")
     assert "astronaut__f0 displacement range:" in text
     assert any("image/png" in out.get("data", {}) for out in outputs)  # the renders figure
+    # a user's notebook shows no warnings of ours or tqdm's ("IProgress not found": ipywidgets is installed)
+    errors = "".join(out.get("text", "") for out in outputs if out.get("output_type") == "stream" and out.get("name") == "stderr")
+    assert "IProgress" not in errors and "Warning" not in errors, errors
