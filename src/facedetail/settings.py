@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import warnings
 
 from omegaconf import OmegaConf
 
@@ -17,10 +16,6 @@ def _env(name: str, default: str | None = None) -> str | None:
     """``${env:NAME,default}`` in any config file: the environment variable or the default."""
     return os.environ.get(name, default)
 
-
-# `kedro run --pipeline=train` is this project's documented command; Kedro 1.x calls the singular option
-# deprecated (in favour of --pipelines) and would print that warning on every run of it.
-warnings.filterwarnings("ignore", message=r"Option '--pipeline' is deprecated")
 
 # Registered here with the non-deprecated API; Kedro then skips its deprecated register_new_resolver call for it.
 if not OmegaConf.has_resolver("env"):
