@@ -28,7 +28,7 @@ def _counts(stage: str, data: FaceShards) -> dict[str, dict[str, float]]:
     """``{<stage>.faces, <stage>.faces_ok, <stage>.shards_reused}`` in the MlflowMetricsHistoryDataset format."""
     return {
         f"{stage}.faces": {"value": float(len(data)), "step": 0},
-        f"{stage}.faces_ok": {"value": float(len(data.ok())), "step": 0},
+        f"{stage}.faces_ok": {"value": float(data.count("ok")), "step": 0},
         f"{stage}.shards_reused": {"value": float(data.meta.get("shards_reused", 0)), "step": 0},
     }
 
