@@ -87,3 +87,28 @@ def test_index_and_report_stream_into_the_same_tables(tmp_path):
     loaded = dataset.load()
     assert len(loaded) == 36 and loaded.meta["shards_reused"] == 4
     pd.testing.assert_frame_equal(loaded.index, index)
+
+
+def test_task_records_of_the_first_format_are_reused_and_moved_to_parts(tmp_path):
+    import json
+
+    from facedetail.data.shards import index_rows, read_shard
+
+    _, _, data, _ = _run(3, 2, tmp_path / "work")
+    expected = data.index
+    folder = tmp_path / "work" / "many_faces"
+    for record_path in folder.glob("*.json"):  # rewrite each record as the row-collecting runner stored it
+        shard_path = record_path.with_suffix(".tar")
+        number = int(expected.loc[expected["face_id"] == read_shard(shard_path)[0]["face_id"], "shard"].iloc[0])
+        record = json.loads(record_path.read_text())
+        rows = index_rows(number, read_shard(shard_path), _Faces.index_columns)
+        record_path.write_text(json.dumps({"sha256": record["sha256"], "rows": rows, "report": [{"image": "x.jpg", "status": "ok"}]}))
+    for part in folder.glob("*.parquet"):
+        part.unlink()
+    called = []
+    again, report = run_stage(_Faces(3), [ShardInput(number=k, items=(k,)) for k in range(2)], tmp_path / "work",
+                              lambda n: called.append(n) or SynchronousExecutor())
+    assert called == [] and again.meta["shards_reused"] == 2  # resumed, nothing recomputed
+    pd.testing.assert_frame_equal(again.index, expected, check_dtype=False)  # JSON rows gave float64 scores
+    assert report.frame()["image"].tolist() == ["x.jpg", "x.jpg"]
+    assert all("rows" not in json.loads(p.read_text()) for p in folder.glob("*.json"))
