@@ -151,6 +151,10 @@ def main(argv: list[str] | None = None) -> None:
             if key in first:
                 print(f"{key}: {first[key]:.0f} MB at {first['photos']} photos -> {last[key]:.0f} MB at {last['photos']} "
                       f"(ratio {last[key] / first[key]:.3f})")
+        faces = last.get("faces", 0) - first.get("faces", 0)
+        if faces > 0:  # the driver (kedro process) alone: flat means ~0 MB per 1000 faces
+            slope = (last["preprocess_rss_kedro_mb"] - first["preprocess_rss_kedro_mb"]) * 1000 / faces
+            print(f"preprocess kedro (driver) peak RSS slope: {slope:+.1f} MB per 1000 faces")
         print(f"preprocess seconds per face: {first['preprocess_s'] / max(first['faces'], 1):.3f} at {first['photos']} photos -> "
               f"{last['preprocess_s'] / max(last['faces'], 1):.3f} at {last['photos']}")
 

@@ -327,8 +327,6 @@ class ShardedFaceDataset(AbstractVersionedDataset):
         import json
         from pathlib import Path
 
-        import pandas as pd
-
         from facedetail.data.shards import FaceShards
 
         folder = Path(str(self._get_load_path()))
@@ -336,9 +334,12 @@ class ShardedFaceDataset(AbstractVersionedDataset):
         if not meta_path.is_file():
             raise DatasetError(f"'{folder}' is not a complete shard folder (no meta.json); delete it and rerun the stage")
         meta = json.loads(meta_path.read_text())
-        index = pd.read_parquet(folder / "index.parquet")
+        if not (folder / "index.parquet").is_file():
+            raise DatasetError(f"'{folder}' is not a complete shard folder (no index.parquet); delete it and rerun the stage")
         shards = [folder / name for name in meta["shards"]]
-        return FaceShards(shards, index, list(meta["shard_sha256"]), dict(meta.get("meta", {})))
+        # the index is read when a consumer first asks for it (the stage runner never does)
+        return FaceShards(shards, None, list(meta["shard_sha256"]), dict(meta.get("meta", {})),
+                          index_path=folder / "index.parquet", faces=meta.get("faces"))
 
     def save(self, data) -> None:
         import json
@@ -364,8 +365,14 @@ class ShardedFaceDataset(AbstractVersionedDataset):
                 except OSError:
                     shutil.copy2(source, staging / name)
                 names.append(name)
-            data.index.to_parquet(staging / "index.parquet", index=False)
-            meta = {"shards": names, "shard_sha256": list(data.shard_sha256), "faces": int(len(data.index)), "meta": data.meta}
+            if data.index_path is not None and data._index is None:  # the runner's index file, never loaded here
+                try:
+                    os.link(data.index_path, staging / "index.parquet")
+                except OSError:
+                    shutil.copy2(data.index_path, staging / "index.parquet")
+            else:
+                data.index.to_parquet(staging / "index.parquet", index=False)
+            meta = {"shards": names, "shard_sha256": list(data.shard_sha256), "faces": int(len(data)), "meta": data.meta}
             (staging / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
             os.rename(staging, final)
         except BaseException as error:

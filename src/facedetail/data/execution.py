@@ -69,19 +69,27 @@ class DaskExecutor(Executor):
             return
 
         stage_future = self.client.scatter(stage, broadcast=True)
-        futures = [
+        # Each result is a ShardOutput (paths, hash, count: no per-face rows); a future is released as soon as
+        # its result is here, so neither this process nor the workers keep results of finished tasks.
+        pending = as_completed([
             self.client.submit(run_shard_task, stage_future, shard, work_dir, retries=self.retries, pure=False,
                                key=f"{stage.name}-{shard.number:05d}-{os.urandom(4).hex()}")
             for shard in shards
-        ]
+        ])
         faces = 0
-        with _progress(stage, shards) as bar:
-            for future in as_completed(futures):
-                output = future.result()
-                faces += output.faces
-                bar.set_postfix(faces=faces, reused=output.skipped)
-                bar.update()
-                yield output
+        try:
+            with _progress(stage, shards) as bar:
+                for future in pending:
+                    output = future.result()
+                    future.release()
+                    del future
+                    faces += output.faces
+                    bar.set_postfix(faces=faces, reused=output.skipped)
+                    bar.update()
+                    yield output
+        finally:
+            pending.clear()
+            stage_future.release()
 
     def close(self) -> None:
         self.client.close()

@@ -27,7 +27,6 @@ import io
 import os
 import tarfile
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
@@ -171,24 +170,50 @@ def read_shard(path: str | os.PathLike) -> list[dict[str, Any]]:
     return list(iter_shard(path))
 
 
-@dataclass
 class FaceShards:
     """A sharded per-face dataset: shard files plus their index (no arrays in memory).
 
     Attributes:
         shards: one tar file per shard, in shard order (``shard-00000.tar`` ...).
-        index: one row per face (``INDEX_COLUMNS`` plus stage-specific scalar columns).
+        index: one row per face (``INDEX_COLUMNS`` plus stage-specific scalar columns). Given as a
+            DataFrame, or read on first use from ``index_path`` (a parquet file, one row group per
+            shard): a stage runner hands its index over as a file, so the process that drives the
+            stages never holds per-face rows unless a consumer asks for them.
         shard_sha256: the sha256 of each shard file (same order as ``shards``).
         meta: stage-wide facts (settings hash, UV size, face model kind ...), JSON-serialisable.
+        index_path: the parquet file of the index (when ``index`` is not given).
+        faces: the number of faces (known without reading the index; else ``len(index)``).
     """
 
-    shards: list[Path]
-    index: pd.DataFrame
-    shard_sha256: list[str] = field(default_factory=list)
-    meta: dict[str, Any] = field(default_factory=dict)
+    def __init__(self, shards: Sequence[Path], index: pd.DataFrame | None = None, shard_sha256: Sequence[str] | None = None,
+                 meta: Mapping[str, Any] | None = None, *, index_path: str | os.PathLike | None = None, faces: int | None = None) -> None:
+        if index is None and index_path is None:
+            raise ValueError("FaceShards needs an index DataFrame or an index_path")
+        self.shards = list(shards)
+        self._index = index
+        self.index_path = Path(index_path) if index_path is not None else None
+        self.shard_sha256 = list(shard_sha256 or [])
+        self.meta = dict(meta or {})
+        self._faces = int(faces) if faces is not None else None
+
+    @property
+    def index(self) -> pd.DataFrame:
+        """The per-face index (read from ``index_path`` on first use)."""
+        if self._index is None:
+            self._index = pd.read_parquet(self.index_path)
+        return self._index
+
+    @index.setter
+    def index(self, value: pd.DataFrame) -> None:
+        self._index, self._faces = value, None
 
     def __len__(self) -> int:
+        if self._index is None and self._faces is not None:
+            return self._faces
         return len(self.index)
+
+    def __repr__(self) -> str:
+        return f"FaceShards({self.num_shards} shard(s), {len(self)} face(s), meta={self.meta})"
 
     @property
     def num_shards(self) -> int:
@@ -197,6 +222,20 @@ class FaceShards:
     def ok(self) -> pd.DataFrame:
         """Index rows of the faces this stage produced successfully."""
         return self.index[self.index["status"] == "ok"]
+
+    def count(self, status: str = "ok") -> int:
+        """Faces with ``status``, counted one index row group (shard) at a time when the index is a file."""
+        if self._index is not None or self.index_path is None:
+            return int((self.index["status"] == status).sum())
+        return sum(int((batch.column("status").to_numpy(zero_copy_only=False) == status).sum())
+                   for batch in _iter_parquet_batches(self.index_path, ["status"]))
+
+    def face_ids(self, number: int) -> list[str]:
+        """Face ids of shard ``number``, in order (only that shard's rows are read when the index is a file)."""
+        if self._index is not None or self.index_path is None:
+            rows = self.index[self.index["shard"] == number]
+            return [str(f) for f in rows.sort_values("position")["face_id"]]
+        return shard_face_ids(self.index_path, number)
 
     def read(self, number: int, verify: bool = False) -> list[dict[str, Any]]:
         """The faces of shard ``number`` (optionally checking the file against its recorded hash)."""
@@ -209,6 +248,93 @@ class FaceShards:
         """Every face, one shard in memory at a time."""
         for number in range(self.num_shards):
             yield from self.read(number)
+
+
+def _iter_parquet_batches(path: str | os.PathLike, columns: Sequence[str]) -> Iterator[Any]:
+    import pyarrow.parquet as pq
+
+    with pq.ParquetFile(path) as handle:
+        for group in range(handle.num_row_groups):
+            yield handle.read_row_group(group, columns=list(columns))
+
+
+def shard_face_ids(index_path: str | os.PathLike, number: int) -> list[str]:
+    """Face ids of shard ``number`` from an index parquet file, reading only the row groups that can hold it."""
+    import pyarrow.parquet as pq
+
+    ids: list[tuple[int, str]] = []
+    with pq.ParquetFile(index_path) as handle:
+        shard_column = handle.schema_arrow.get_field_index("shard")
+        for group in range(handle.num_row_groups):
+            stats = handle.metadata.row_group(group).column(shard_column).statistics
+            if stats is not None and stats.has_min_max and not (stats.min <= number <= stats.max):
+                continue
+            table = handle.read_row_group(group, columns=["face_id", "shard", "position"])
+            for face_id, shard, position in zip(*(table.column(c).to_pylist() for c in ("face_id", "shard", "position"))):
+                if shard == number:
+                    ids.append((int(position), str(face_id)))
+    return [face_id for _, face_id in sorted(ids)]
+
+
+def table_bytes(frame: pd.DataFrame) -> bytes:
+    """``frame`` as parquet bytes; an object column that Arrow cannot type is stored as strings."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    frame = frame.reset_index(drop=True)
+    for column in frame.columns:
+        if frame[column].dtype == object:
+            try:
+                pa.array(frame[column], from_pandas=True)
+            except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+                frame[column] = [None if v is None or v is pd.NA else str(v) for v in frame[column]]
+    buffer = io.BytesIO()
+    pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), buffer)
+    return buffer.getvalue()
+
+
+def concat_parquet(parts: Sequence[str | os.PathLike], destination: str | os.PathLike, columns: Sequence[str] = ()) -> int:
+    """Append parquet ``parts`` (one per shard) to ``destination`` as row groups, one part in memory at a time.
+
+    The column types are unified over every part first (a column that is all null in one shard
+    takes its type from the others); ``columns`` come first, in that order, even with no rows.
+    Written to a temporary file beside ``destination`` and renamed (atomic).
+
+    Returns:
+        The number of rows written.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    destination = Path(destination)
+    schemas = [pq.read_schema(p).remove_metadata() for p in parts]
+    fields = {name: pa.null() for name in columns}
+    for schema in schemas:
+        for schema_field in schema:
+            fields.setdefault(schema_field.name, pa.null())
+    schema = pa.unify_schemas([pa.schema(list(fields.items())), *schemas], promote_options="permissive")
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=destination.parent, prefix=f".{destination.name}.", suffix=".tmp")
+    os.close(fd)
+    rows = 0
+    try:
+        with pq.ParquetWriter(tmp, schema) as writer:
+            for part in parts:
+                table = pq.read_table(part).replace_schema_metadata(None)
+                if table.num_rows == 0:
+                    continue
+                for name in schema.names:
+                    if name not in table.column_names:
+                        table = table.append_column(name, pa.nulls(table.num_rows, schema.field(name).type))
+                writer.write_table(table.select(schema.names).cast(schema))
+                rows += table.num_rows
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, destination)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return rows
 
 
 def zip_shard_records(*shards: Sequence[Mapping[str, Any]]) -> Iterator[tuple[Mapping[str, Any], ...]]:

@@ -20,18 +20,22 @@ import logging
 import os
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import pandas as pd
 
 from facedetail.data.shards import (
+    INDEX_COLUMNS,
     FaceShards,
     ShardError,
+    concat_parquet,
     file_sha256,
     index_frame,
     index_rows,
+    shard_face_ids,
+    table_bytes,
     write_shard,
 )
 from facedetail.utils import SettingError, atomic_write_bytes, settings_hash
@@ -51,22 +55,24 @@ class ShardInput:
     sha256: tuple[str, ...] = ()
     items: tuple[Any, ...] = ()          # raw inputs (e.g. image paths) for the first stage
     face_ids: tuple[str, ...] = ()       # faces of the shard (to record them as failed if the task dies)
+    index_path: str = ""                 # or: the first input's index file, read for them only then
 
 
 @dataclass
 class ShardOutput:
-    """What one task produced: its shard file, hash, index rows and extra report rows."""
+    """What one task produced, as files: its shard, the shard's index rows and report rows (parquet parts).
+
+    Only this per-shard bookkeeping travels back to the process that drives the stages; the
+    per-face rows stay on disk until :func:`run_stage` streams the parts into one table.
+    """
 
     number: int
     path: str
     sha256: str
-    rows: list[dict[str, Any]]
-    report: list[dict[str, Any]] = field(default_factory=list)
+    faces: int
+    index_path: str
+    report_path: str = ""      # "" when the task wrote no report rows
     skipped: bool = False
-
-    @property
-    def faces(self) -> int:
-        return len(self.rows)
 
 
 class ShardStage:
@@ -142,6 +148,22 @@ def _task_paths(stage: ShardStage, shard: ShardInput, work_dir: str) -> tuple[Pa
     return folder / f"{key}.tar", folder / f"{key}.json"
 
 
+def _part_paths(path: Path) -> tuple[Path, Path]:
+    """The per-shard index and report parquet parts beside a task's shard file."""
+    return path.with_suffix(".index.parquet"), path.with_suffix(".report.parquet")
+
+
+def _write_parts(path: Path, number: int, rows: list[dict[str, Any]], report: list[dict[str, Any]]) -> tuple[str, str]:
+    """Write one shard's index rows and report rows as parquet parts (atomically); their paths ("" for no report)."""
+    index_path, report_path = _part_paths(path)
+    atomic_write_bytes(index_path, table_bytes(index_frame(rows)))
+    if not report:
+        report_path.unlink(missing_ok=True)
+        return str(index_path), ""
+    atomic_write_bytes(report_path, table_bytes(pd.DataFrame(report)))
+    return str(index_path), str(report_path)
+
+
 def finished_task(stage: ShardStage, shard: ShardInput, work_dir: str) -> ShardOutput | None:
     """The stored result of this task when it exists and its shard matches its recorded hash, else None.
 
@@ -153,7 +175,16 @@ def finished_task(stage: ShardStage, shard: ShardInput, work_dir: str) -> ShardO
     try:
         record = json.loads(record_path.read_text())
         if file_sha256(path) == record["sha256"]:
-            return ShardOutput(shard.number, str(path), record["sha256"], record["rows"], record.get("report", []), skipped=True)
+            index_path, report_path = _part_paths(path)
+            if "rows" in record:  # a record of the first format (rows inline): move its rows to parts
+                index_part, report_part = _write_parts(path, shard.number, record["rows"], record.get("report", []))
+                record = {"sha256": record["sha256"], "faces": len(record["rows"]), "report": bool(report_part)}
+                atomic_write_bytes(record_path, json.dumps(record).encode())
+            if index_path.is_file() and (report_path.is_file() or not record.get("report")):
+                return ShardOutput(shard.number, str(path), record["sha256"], int(record["faces"]), str(index_path),
+                                   str(report_path) if record.get("report") else "", skipped=True)
+            logger.warning("%s: shard %d has no index part beside %s; recomputing", stage.name, shard.number, path)
+            return None
         logger.warning("%s: shard %d in %s does not match its hash; recomputing", stage.name, shard.number, path)
     except (OSError, ValueError, KeyError):
         logger.warning("%s: unreadable task record %s; recomputing", stage.name, record_path)
@@ -179,19 +210,20 @@ def run_shard_task(stage: ShardStage, shard: ShardInput, work_dir: str) -> Shard
             raise  # a full disk is not the shard's fault: stop, record nothing, so a rerun computes it
         reason = f"{stage.name} task failed: {type(error).__name__}: {error}"
         logger.error("%s shard %d: %s\n%s", stage.name, shard.number, reason, traceback.format_exc(limit=3))
+        if not shard.face_ids and shard.index_path:
+            try:
+                shard = replace(shard, face_ids=tuple(shard_face_ids(shard.index_path, shard.number)))
+            except Exception as lookup:  # noqa: BLE001 - the failure is still recorded (without face rows)
+                logger.error("%s shard %d: cannot read its face ids from %s: %s", stage.name, shard.number, shard.index_path, lookup)
         records, report = stage.failed(shard, reason)
         failed = True
     sha = write_shard(path, records)
-    rows = index_rows(shard.number, records, stage.index_columns)
+    index_part, report_part = _write_parts(path, shard.number, index_rows(shard.number, records, stage.index_columns), report)
+    faces = len(records)
+    del records, report
     if not failed:  # a failed task is not finished: the next run computes it again (the failure may be transient)
-        atomic_write_bytes(record_path, json.dumps({"sha256": sha, "rows": rows, "report": report}, default=_json_default).encode())
-    return ShardOutput(shard.number, str(path), sha, rows, report)
-
-
-def _json_default(value: Any) -> Any:
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    return str(value)
+        atomic_write_bytes(record_path, json.dumps({"sha256": sha, "faces": faces, "report": bool(report_part)}).encode())
+    return ShardOutput(shard.number, str(path), sha, faces, index_part, report_part)
 
 
 def shard_inputs(datasets: Sequence[FaceShards]) -> list[ShardInput]:
@@ -202,16 +234,35 @@ def shard_inputs(datasets: Sequence[FaceShards]) -> list[ShardInput]:
     if len(counts) != 1:
         raise ShardError(f"input datasets have different shard counts {sorted(counts)}: rerun the upstream stages")
     first = datasets[0]
-    by_shard = first.index.groupby("shard")["face_id"].apply(list).to_dict() if len(first.index) else {}
+    if first.index_path is not None:  # the face ids are read from the index file by a task that fails, only then
+        by_shard: dict[int, list[str]] = {}
+    else:
+        by_shard = first.index.groupby("shard")["face_id"].apply(list).to_dict() if len(first.index) else {}
     return [
         ShardInput(
             number=k,
             paths=tuple(str(d.shards[k]) for d in datasets),
             sha256=tuple(d.shard_sha256[k] if d.shard_sha256 else file_sha256(d.shards[k]) for d in datasets),
             face_ids=tuple(by_shard.get(k, [])),
+            index_path=str(first.index_path) if first.index_path is not None else "",
         )
         for k in range(first.num_shards)
     ]
+
+
+@dataclass
+class StageReport:
+    """A stage's report rows (e.g. the data_prep manifest rows), as one parquet file; None when there are none."""
+
+    path: Path | None
+    rows: int = 0
+
+    def __len__(self) -> int:
+        return self.rows
+
+    def frame(self) -> pd.DataFrame:
+        """The whole report as a DataFrame (read on demand: the stage runner never holds it)."""
+        return pd.read_parquet(self.path) if self.path is not None else pd.DataFrame()
 
 
 def run_stage(
@@ -220,12 +271,17 @@ def run_stage(
     work_dir: str | os.PathLike,
     executor: Callable[[int], "Executor"],
     meta: Mapping[str, Any] | None = None,
-) -> tuple[FaceShards, pd.DataFrame]:
-    """Run ``stage`` over every shard; returns its dataset handle and its report rows.
+) -> tuple[FaceShards, StageReport]:
+    """Run ``stage`` over every shard; returns its dataset handle and its report.
 
     Shards whose task already finished (same inputs, same settings) are reused; the rest go to
     ``executor(number of shards to compute)``, which picks where they run. Progress (shards and
     faces done) is shown as tasks finish, in whatever order.
+
+    Memory: this process keeps per-shard bookkeeping only (:class:`ShardOutput`: paths, hash,
+    count). The tasks write each shard's index and report rows as parquet parts; the stage's index
+    and report are those parts appended, one shard at a time, into one parquet file each (one row
+    group per shard), so the driver's memory does not grow with the number of faces.
     """
     tic = time.perf_counter()
     outputs: dict[int, ShardOutput] = {}
@@ -240,16 +296,25 @@ def run_stage(
         for output in executor(len(todo)).map_shards(stage, todo, str(work_dir)):
             outputs[output.number] = output
     ordered = [outputs[k] for k in sorted(outputs)]
-    index = index_frame([row for o in ordered for row in o.rows])
-    report = pd.DataFrame([row for o in ordered for row in o.report])
+    del outputs
+    key = settings_hash({"stage": stage.key, "shards": [o.sha256 for o in ordered]})
+    folder = Path(work_dir) / stage.name
+    index_path = folder / f"index-{key}.parquet"
+    faces = concat_parquet([o.index_path for o in ordered], index_path, INDEX_COLUMNS)
+    report_parts = [o.report_path for o in ordered if o.report_path]
+    report = StageReport(None, 0)
+    if report_parts:
+        report_path = folder / f"report-{key}.parquet"
+        report = StageReport(report_path, concat_parquet(report_parts, report_path))
     skipped = sum(o.skipped for o in ordered)
     seconds = time.perf_counter() - tic
     computed_faces = sum(o.faces for o in ordered if not o.skipped)
     logger.info("%s: %d shard(s), %d face(s), %d shard(s) reused, %.1f s (%.2f faces/s computed)", stage.name, len(ordered),
-                len(index), skipped, seconds, computed_faces / max(seconds, 1e-9))
+                faces, skipped, seconds, computed_faces / max(seconds, 1e-9))
     timing = {"seconds": round(seconds, 3), "faces_computed": computed_faces, "faces_per_second": round(computed_faces / max(seconds, 1e-9), 3)}
-    data = FaceShards([Path(o.path) for o in ordered], index, [o.sha256 for o in ordered],
-                      {"stage": stage.name, "settings_key": stage.key, "shards_reused": skipped, **timing, **dict(meta or {})})
+    data = FaceShards([Path(o.path) for o in ordered], None, [o.sha256 for o in ordered],
+                      {"stage": stage.name, "settings_key": stage.key, "shards_reused": skipped, **timing, **dict(meta or {})},
+                      index_path=index_path, faces=faces)
     return data, report
 
 

@@ -95,7 +95,12 @@ def detect_and_align_faces(
     shards = [ShardInput(number=k, items=tuple(items[start : start + size])) for k, start in enumerate(range(0, len(items), size))]
     stage = AlignStage(params, device)
     aligned, report = run_face_stage(stage, shards, execution, meta={"crop_size": int(params["alignment"]["crop_size"])})
-    manifest = pd.DataFrame(report.to_dict("records") if len(report) else [], columns=MANIFEST_COLUMNS)
+    # the manifest rows stayed on disk (one parquet part per shard, appended by the stage runner): read them as columns
+    rows = report.frame() if len(report) else pd.DataFrame()
+    manifest = rows.reindex(columns=MANIFEST_COLUMNS) if len(rows) else pd.DataFrame([], columns=MANIFEST_COLUMNS)
+    del rows
+    for column in ("bbox", "landmarks5", "trans_params"):  # list columns as plain lists (None where no face), as before
+        manifest[column] = [value.tolist() if isinstance(value, np.ndarray) else value for value in manifest[column]]
     manifest = manifest.replace({None: pd.NA}) if len(manifest) else manifest
     for column in ("image_width", "image_height", "bit_depth", "frames"):
         manifest[column] = pd.to_numeric(manifest[column], errors="coerce").astype("Int64")

@@ -28,7 +28,7 @@ def _counts(stage: str, data: FaceShards) -> dict[str, dict[str, float]]:
     """``{<stage>.faces, <stage>.faces_ok, <stage>.shards_reused}`` in the MlflowMetricsHistoryDataset format."""
     return {
         f"{stage}.faces": {"value": float(len(data)), "step": 0},
-        f"{stage}.faces_ok": {"value": float(len(data.ok())), "step": 0},
+        f"{stage}.faces_ok": {"value": float(data.count("ok")), "step": 0},
         f"{stage}.shards_reused": {"value": float(data.meta.get("shards_reused", 0)), "step": 0},
     }
 
@@ -88,14 +88,17 @@ def fit_face_coefficients(
 
 def estimation_contact_sheet(face_coefficients: FaceShards, face_masks: FaceShards, max_faces: int = 24) -> Image.Image:
     """Fit overlays (shaded mesh, fitted landmarks green, detected red) of the first faces, for MLflow."""
-    source = dict(zip(face_masks.index["face_id"], face_masks.index.get("mask_source", pd.Series(dtype=str))))
     tiles, labels = [], []
-    for face in face_coefficients.iter_faces():
+    for number in range(face_coefficients.num_shards):  # shard k of both stages holds the same faces: read shard by shard
         if len(tiles) >= max_faces:
             break
-        if face.get("status") == "ok" and face["overlay_jpeg"].size:
-            tiles.append(cv2.imdecode(face["overlay_jpeg"], cv2.IMREAD_COLOR)[..., ::-1])
-            labels.append(f"{face['face_id']} [{source.get(face['face_id'], '')}]")
+        source = {m["face_id"]: str(m.get("mask_source", "")) for m in face_masks.read(number)} if number < face_masks.num_shards else {}
+        for face in face_coefficients.read(number):
+            if len(tiles) >= max_faces:
+                break
+            if face.get("status") == "ok" and face["overlay_jpeg"].size:
+                tiles.append(cv2.imdecode(face["overlay_jpeg"], cv2.IMREAD_COLOR)[..., ::-1])
+                labels.append(f"{face['face_id']} [{source.get(face['face_id'], '')}]")
     if not tiles:
         return Image.fromarray(np.zeros((64, 64, 3), np.uint8))
     return Image.fromarray(contact_sheet(tiles, labels))

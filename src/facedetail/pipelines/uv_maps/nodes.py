@@ -27,7 +27,7 @@ def build_uv_maps(
     """
     stage = UVMapStage(dict(uv_params), face_model_params, device)
     uv_maps, _ = run_face_stage(stage, shard_inputs([aligned_faces, face_coefficients]), execution, meta={"uv_size": int(uv_params["uv_size"])})
-    logger.info("uv maps: %d/%d faces at %dx%d", len(uv_maps.ok()), len(uv_maps), int(uv_params["uv_size"]), int(uv_params["uv_size"]))
+    logger.info("uv maps: %d/%d faces at %dx%d", uv_maps.count("ok"), len(uv_maps), int(uv_params["uv_size"]), int(uv_params["uv_size"]))
     return uv_maps
 
 
