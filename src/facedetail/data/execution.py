@@ -124,6 +124,18 @@ def make_executor(settings: Mapping[str, Any]) -> Executor:
     return DaskExecutor(client, None, retries)
 
 
+def worker_count(settings: Mapping[str, Any]) -> int:
+    """How many shard tasks run at once under these settings: 1 (synchronous), the local cluster's workers
+    (``n_workers``, default one per CPU core) or the connected cluster's worker threads."""
+    scheduler = str(settings.get("scheduler", "local") or "local").strip()
+    if scheduler == "synchronous":
+        return 1
+    if scheduler == "local":
+        return max(1, int(settings.get("n_workers") or os.cpu_count() or 1))
+    executor = get_executor(settings)
+    return max(1, sum(getattr(executor, "client").nthreads().values()))
+
+
 def get_executor(settings: Mapping[str, Any]) -> Executor:
     """The run's executor for these settings, created on first use and shared by every stage."""
     key = tuple(sorted((k, str(v)) for k, v in dict(settings).items()))

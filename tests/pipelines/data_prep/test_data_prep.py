@@ -406,3 +406,17 @@ def test_face_ids_are_unique_for_same_stems():
 
     ids = make_face_ids(["a.jpg", "a.PNG", "sub/b.jpg", "c.jpeg"])
     assert ids == {"a.jpg": "a_jpg", "a.PNG": "a_png", "sub/b.jpg": "sub__b", "c.jpeg": "c"}
+
+
+def test_small_folders_are_split_so_every_worker_gets_a_shard():
+    from facedetail.data.execution import worker_count
+    from facedetail.pipelines.data_prep.nodes import images_per_shard
+
+    assert images_per_shard(40, 256, 2) == 20  # the 40-photo check: two shards for two workers
+    assert images_per_shard(41, 256, 2) == 21
+    assert images_per_shard(640, 256, 2) == 256  # large folders keep shard_size
+    assert images_per_shard(5, 2, 1) == 2
+    assert images_per_shard(1, 256, 8) == 1 and images_per_shard(0, 256, 2) == 1
+    assert worker_count({"scheduler": "synchronous"}) == 1
+    assert worker_count({"scheduler": "local", "n_workers": 3}) == 3
+    assert worker_count({"scheduler": "local", "n_workers": None}) == (os.cpu_count() or 1)
