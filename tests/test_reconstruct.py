@@ -492,6 +492,9 @@ def test_pymeshlab_opens_the_obj_and_glb_with_uvs_and_textures(exported, reconst
 
 BLENDER_CHECK = r"""
 import sys, json, bpy
+import numpy
+if not hasattr(numpy, "bool"):  # Debian's Blender 3.4 glTF importer uses np.bool, gone from numpy 1.24-1.26
+    numpy.bool = bool
 glb, obj, out = sys.argv[sys.argv.index("--") + 1:]
 bpy.ops.wm.read_factory_settings(use_empty=True)
 report = {}
@@ -528,8 +531,10 @@ def test_blender_imports_the_glb_and_obj_with_uvs_and_maps(exported, reconstruct
     script = tmp_path / "check.py"
     script.write_text(BLENDER_CHECK)
     out = tmp_path / "report.json"
-    subprocess.run([blender, "-b", "--factory-startup", "--python", str(script), "--",
-                    exported["glb"], exported["coarse_obj"], str(out)], check=True, timeout=300, capture_output=True)
+    # --python-exit-code: an error in the check script fails the run (Blender exits 0 otherwise)
+    run = subprocess.run([blender, "-b", "--factory-startup", "--python-exit-code", "1", "--python", str(script), "--",
+                          exported["glb"], exported["coarse_obj"], str(out)], timeout=300, capture_output=True, text=True)
+    assert run.returncode == 0 and out.is_file(), (run.stdout + run.stderr)[-3000:]
     report = json.loads(out.read_text())
     n_faces = len(reconstructor.face_model.triangles)
     for key in ("glb", "obj"):

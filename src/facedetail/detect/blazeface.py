@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from facedetail.detect.landmarks import close_quietly
+from facedetail.detect.landmarks import close_quietly, quiet_native_stderr
 
 
 def face_detector_model_bytes(task_path: str | Path | None = None) -> bytes:
@@ -44,13 +44,16 @@ class BlazeFaceDetector:
         self, min_score: float = 0.5, task_path: str | Path | None = None,
         tile_fractions: tuple[float, ...] = (0.5, 0.35), overlap: float = 0.3,
     ) -> None:
+        import mediapipe as mp
         from mediapipe.tasks.python import BaseOptions, vision
 
         options = vision.FaceDetectorOptions(
             base_options=BaseOptions(model_asset_buffer=face_detector_model_bytes(task_path)),
             min_detection_confidence=float(min_score),
         )
-        self._detector = vision.FaceDetector.create_from_options(options)
+        with quiet_native_stderr():
+            self._detector = vision.FaceDetector.create_from_options(options)
+            self._detector.detect(mp.Image(image_format=mp.ImageFormat.SRGB, data=np.zeros((32, 32, 3), np.uint8)))
         self.tile_fractions = tuple(float(f) for f in tile_fractions)
         self.overlap = float(overlap)
         # MediaPipe's own __del__ fails noisily at interpreter teardown: close it when this object goes away

@@ -43,12 +43,14 @@ contour, lower and wider; the chosen jaw vertices sit inside the oval, nearer th
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
+import sys
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import cv2
 import numpy as np
@@ -116,8 +118,6 @@ BACKENDS = ("mediapipe", "dlib", "face_alignment", "auto")
 def dlib_predictor_path() -> Path | None:
     """dlib's 68-point predictor (trained on iBUG 300-W) as shipped by the ``face-recognition-models`` wheel,
     or None when ``dlib`` or that package is not installed."""
-    import importlib.util
-
     # located without importing face_recognition_models (its __init__ needs pkg_resources)
     if importlib.util.find_spec("dlib") is None:
         return None
@@ -197,6 +197,31 @@ def _check_images(images: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
     return array
 
 
+@contextlib.contextmanager
+def quiet_native_stderr() -> Iterator[None]:
+    """Send the process's C-level stderr (fd 2) to /dev/null for the block, unless native logging is verbose.
+
+    MediaPipe >= 0.10 logs through absl (``W0000 ... face_landmarker_graph.cc``) and TFLite/LiteRT print their
+    own ``INFO: Created TensorFlow Lite XNNPACK delegate`` lines; neither reads ``GLOG_minloglevel``. They are
+    written while a graph is created and on its first inference, so only those short blocks are silenced
+    (``facedetail --verbose`` / ``FACEDETAIL_VERBOSE=1`` sets ``GLOG_minloglevel=0`` and keeps them).
+    """
+    if os.environ.get("GLOG_minloglevel") == "0":
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+            try:
+                yield
+            finally:
+                os.dup2(saved, 2)
+    finally:
+        os.close(saved)
+
+
 def close_quietly(task: object) -> None:
     """Close a MediaPipe task (landmarker, detector), ignoring errors of an already closed one."""
     try:
@@ -222,7 +247,9 @@ class _MediaPipeBackend:
             min_face_detection_confidence=min_confidence,
             min_face_presence_confidence=min_confidence,
         )
-        self._landmarker = vision.FaceLandmarker.create_from_options(options)
+        with quiet_native_stderr():
+            self._landmarker = vision.FaceLandmarker.create_from_options(options)
+        self._first_run = True
         # Close the graph when this object goes away or at interpreter exit (MediaPipe's own __del__ fails
         # noisily during interpreter teardown).
         self._finalizer = weakref.finalize(self, close_quietly, self._landmarker)
@@ -231,7 +258,13 @@ class _MediaPipeBackend:
         """Dense points (478, 2) in ``image`` pixels and blendshapes (52,), or None when no face is found."""
         import mediapipe as mp
 
-        result = self._landmarker.detect(mp.Image(image_format=mp.ImageFormat.SRGB, data=np.ascontiguousarray(image)))
+        frame = mp.Image(image_format=mp.ImageFormat.SRGB, data=np.ascontiguousarray(image))
+        if self._first_run:  # the first inference creates the XNNPACK delegate (and says so on stderr)
+            with quiet_native_stderr():
+                result = self._landmarker.detect(frame)
+            self._first_run = False
+        else:
+            result = self._landmarker.detect(frame)
         if not result.face_landmarks:
             return None
         height, width = image.shape[:2]
