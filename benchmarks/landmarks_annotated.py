@@ -44,6 +44,7 @@ REGIONS = {"jaw": range(0, 17), "brows": range(17, 27), "nose": range(27, 36), "
 SETTINGS = {
     "default": {},
     "dlib": {"landmarks.backend": "dlib", "fitting.sliding_contour": True},
+    "dlib_alone": {"landmarks.backend": "dlib", "landmarks.blend_inner": False, "fitting.sliding_contour": True},
     "mediapipe": {"landmarks.backend": "mediapipe", "fitting.sliding_contour": False},
     "weak_prior": {"fitting.w_id": 5e-4, "fitting.w_exp": 5e-4},
     "uniform_weights": {"fitting.landmark_weights": [1.0] * 68},

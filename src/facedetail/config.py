@@ -108,6 +108,7 @@ class DataPrepParams(Section):
 
 class LandmarksParams(Section):
     backend: Literal["mediapipe", "dlib", "face_alignment", "auto"] = "auto"
+    blend_inner: bool = True
 
 
 class MasksParams(Section):

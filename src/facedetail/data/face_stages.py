@@ -285,7 +285,8 @@ class LandmarkStage(_BatchedStage):
         cls, estimation: Mapping[str, Any], device: str = "auto", weights: Mapping[str, Any] | None = None
     ) -> "LandmarkStage":
         path = optional_weights_path((weights or {}).get("dlib_landmarks"), "dlib_landmarks")
-        params = {"backend": (estimation.get("landmarks") or {}).get("backend", "mediapipe"),
+        landmarks = estimation.get("landmarks") or {}
+        params = {"backend": landmarks.get("backend", "mediapipe"), "blend_inner": bool(landmarks.get("blend_inner", True)),
                   "batch_size": estimation.get("batch_size", 8), "dlib_predictor": str(path) if path else None}
         return cls(params, device)
 
@@ -293,7 +294,7 @@ class LandmarkStage(_BatchedStage):
         from facedetail.detect.landmarks import LandmarkDetector
 
         return LandmarkDetector(backend=str(self.params.get("backend", "mediapipe")), device=resolve_device(self.device),
-                                dlib_predictor=self.params.get("dlib_predictor"))
+                                dlib_predictor=self.params.get("dlib_predictor"), blend_inner=bool(self.params.get("blend_inner", True)))
 
     def process_batch(self, detector, rows):
         crops = np.stack([r[0]["image"] for r in rows])

