@@ -86,6 +86,25 @@ def test_module_hand_computed_regions_follow_embedding() -> None:
     assert torch.allclose(out_swapped, torch.tensor([[[[1 * -2.0, 2 * 3 + 1.0], [3 * 3 + 1.0, 4 * -2.0]]]]))
 
 
+def test_soft_regions_blend_the_candidates_by_the_softmax_hand_computed() -> None:
+    """``soft_regions``: each pixel is the softmax-weighted sum of the region candidates (continuous in the embedding)."""
+    filters = torch.tensor([3.0, -2.0]).reshape(2, 1, 1, 1, 1)
+    biases = torch.tensor([1.0, 0.0])
+    layer = _module_with_known_filters(filters, biases)
+    layer.soft_regions = True
+    x = torch.tensor([[[[1.0, 2.0]]]])
+    embedding = torch.zeros(1, 2, 1, 2)
+    embedding[0, 0, 0] = torch.tensor([0.0, 2.0])  # pixel 0: equal logits; pixel 1: region 0 by a margin of 2
+    out, masks = layer.forward_with_masks(x, embedding)
+    p1 = 1.0 / (1.0 + torch.exp(torch.tensor(-2.0)))  # softmax weight of region 0 at pixel 1
+    assert torch.allclose(masks[0, :, 0, 0], torch.tensor([0.5, 0.5]))
+    assert torch.allclose(masks[0, 0, 0, 1], p1)
+    expected = torch.stack([torch.tensor(0.5 * (1 * 3 + 1.0) + 0.5 * (1 * -2.0)), p1 * (2 * 3 + 1.0) + (1 - p1) * (2 * -2.0)])
+    assert torch.allclose(out[0, 0, 0], expected)
+    layer.soft_regions = False  # the paper's one-hot: pixel 1 takes region 0 only
+    assert torch.allclose(layer(x, embedding)[0, 0, 0, 1], torch.tensor(7.0))
+
+
 def test_one_region_equals_dynamic_convolution() -> None:
     torch.manual_seed(1)
     layer = DRConv2d(3, 2, guide_channels=5, num_regions=1, kernel_size=3, filter_init_scale=1.0)

@@ -196,6 +196,7 @@ class GeneratorParams(Section):
     max_displacement: PositiveFloat = 0.3
     dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
     embedding_activation: str = "tanh"
+    soft_regions: bool = False
     texture_channels: PositiveInt = 3
     mask_channels: PositiveInt = 1
     expression_channels: PositiveInt = 3

@@ -46,6 +46,8 @@ class DetailGenerator(nn.Module):
         max_displacement: bound of the displacement in face-model units (ICT cm: 0.3 = 3 mm).
         dropout: U-Net dropout (pix2pix levels), 0 disables.
         embedding_activation: ``"tanh"`` (bounded embedding) or ``"none"``.
+        soft_regions: DRConv region masks: ``False`` (paper) one-hot with a straight-through gradient,
+            ``True`` the softmax of the region logits (the displacement varies continuously with the embedding).
         texture_channels, mask_channels, expression_channels: input channel counts (3, 1, 3).
     """
 
@@ -63,6 +65,7 @@ class DetailGenerator(nn.Module):
         max_displacement: float = 0.3,
         dropout: float = 0.0,
         embedding_activation: str = "tanh",
+        soft_regions: bool = False,
         texture_channels: int = 3,
         mask_channels: int = 1,
         expression_channels: int = 3,
@@ -83,6 +86,7 @@ class DetailGenerator(nn.Module):
             "max_displacement": float(max_displacement),
             "dropout": float(dropout),
             "embedding_activation": str(embedding_activation),
+            "soft_regions": bool(soft_regions),
             "texture_channels": int(texture_channels),
             "mask_channels": int(mask_channels),
             "expression_channels": int(expression_channels),
@@ -109,6 +113,7 @@ class DetailGenerator(nn.Module):
             guide_kernel_size=guide_kernel_size,
             filter_pool=filter_pool,
             filter_hidden=filter_hidden,
+            soft_regions=soft_regions,
         )
 
     @classmethod

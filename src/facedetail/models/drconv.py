@@ -112,6 +112,9 @@ class DRConv2d(nn.Module):
         dynamic_bias: also regress a bias per region and output channel.
         filter_init_scale: the filter branch's last layer starts with its default init times this
             factor (and zero bias), so initial filters are small and ``tanh`` downstream is not saturated.
+        soft_regions: ``False`` (the DRConv paper): one-hot region masks with the straight-through
+            gradient. ``True``: the softmax of the region logits blends the ``R`` candidates, so the
+            output varies continuously with the guide features (no quantisation at region borders).
     """
 
     def __init__(
@@ -126,6 +129,7 @@ class DRConv2d(nn.Module):
         filter_hidden: int = 32,
         dynamic_bias: bool = True,
         filter_init_scale: float = 0.1,
+        soft_regions: bool = False,
     ) -> None:
         super().__init__()
         for name, value in (
@@ -146,6 +150,7 @@ class DRConv2d(nn.Module):
         self.num_regions = int(num_regions)
         self.kernel_size = int(kernel_size)
         self.dynamic_bias = bool(dynamic_bias)
+        self.soft_regions = bool(soft_regions)
 
         self.guide = nn.Conv2d(guide_channels, num_regions, guide_kernel_size, padding=guide_kernel_size // 2)
 
@@ -163,8 +168,9 @@ class DRConv2d(nn.Module):
         return self.guide(guide_features)
 
     def region_masks(self, guide_features: torch.Tensor) -> torch.Tensor:
-        """Straight-through one-hot region masks ``(B, R, H, W)``."""
-        return straight_through_region_masks(self.region_logits(guide_features))
+        """Region masks ``(B, R, H, W)``: straight-through one-hot, or the softmax with ``soft_regions``."""
+        logits = self.region_logits(guide_features)
+        return logits.softmax(dim=1) if self.soft_regions else straight_through_region_masks(logits)
 
     def regress_filters(self, guide_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Filter branch: per-sample filter banks ``(B, R, C_out, C_in, k, k)`` and biases ``(B, R, C_out)``
