@@ -48,7 +48,7 @@ def _bad(base, **changes):
     ({"uv_maps__uv_size": 100}, "uv_maps.uv_size: must be a multiple of 2**train.model.num_downs = 32 (got 100"),
     ({"train__stpes": 3}, "train.stpes: unknown key (did you mean 'steps'?)"),
     ({"train__model__nmu_downs": 3}, "train.model.nmu_downs: unknown key (did you mean 'num_downs'?)"),
-    ({"estimation__landmarks__backend": "dlib"}, "estimation.landmarks.backend: must be 'mediapipe', 'face_alignment' or 'auto'"),
+    ({"estimation__landmarks__backend": "openpose"}, "estimation.landmarks.backend: must be 'mediapipe', 'dlib', 'face_alignment' or 'auto'"),
     ({"inference__backend": "opengl"}, "inference.backend: must be 'auto', 'fast' or 'pytorch3d'"),
     ({"device": "gpu"}, "device: must be 'auto', 'cpu', 'cuda' or 'cuda:N' (got 'gpu')"),
     ({"train__batch_size": "four"}, "train.batch_size: must be a valid integer"),
