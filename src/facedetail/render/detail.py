@@ -153,7 +153,8 @@ class DetailRenderer:
         detailed = displace_position_map(scene.position_map, scene.normal_map, displacement * scene.uv_valid)
         grid_coarse = normals_from_position_map(scene.position_map, valid, scene.normal_map)
         grid_detailed = normals_from_position_map(detailed, valid, scene.normal_map)
-        normals = F.normalize(scene.normal_map + grid_detailed - grid_coarse, dim=1, eps=1e-8)
+        # the change first: exactly 0 where the displacement changes nothing (n + (a - a) == n; (n + a) - a may not)
+        normals = F.normalize(scene.normal_map + (grid_detailed - grid_coarse), dim=1, eps=1e-8)
         return detailed, normals
 
     def render(self, scene: FaceBatchScene, normal_map: torch.Tensor) -> torch.Tensor:
