@@ -220,6 +220,7 @@ class LossWeightsParams(Section):
     perceptual: NonNegativeFloat = 0.0
     adversarial: NonNegativeFloat = 0.0
     uv_photometric: NonNegativeFloat = 0.0  # DECA-style photometric term in UV space (training.loop); 0 = off
+    gradient_photometric: NonNegativeFloat = 0.0  # shading-gradient (high-pass) photometric term (training.loop); 0 = off
 
 
 class ScheduleParams(Section):

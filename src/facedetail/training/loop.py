@@ -11,7 +11,10 @@ coarse mesh's lighting and de-lit albedo; the losses are
 * detail regularisation (Eq. 2, mean point distance coarse vs. detailed surface) whose weight
   decays on the schedule ``detail_regularization``;
 * optional (``loss_weights.uv_photometric`` > 0, default off): the photometric term in UV space (DECA), the
-  unwrapped photo vs. albedo x SH(detailed normal map) over the visible face-region texels.
+  unwrapped photo vs. albedo x SH(detailed normal map) over the visible face-region texels;
+* optional (``loss_weights.gradient_photometric`` > 0, default off): the shading-gradient (high-pass) photometric
+  term, image gradients of the detailed render vs the photo inside the mask
+  (:func:`~facedetail.losses.photometric.masked_gradient_photometric_loss`).
 
 The module knows nothing of Kedro or MLflow: logging goes through the ``log_metrics`` and
 ``log_images`` callbacks.
@@ -35,7 +38,7 @@ from facedetail.geometry.detail import displacement_regularization_points
 from facedetail.geometry.face_model import FaceModel
 from facedetail.losses.adversarial import lsgan_d_loss, lsgan_g_loss
 from facedetail.losses.perceptual import perceptual_cosine_loss
-from facedetail.losses.photometric import masked_photometric_loss
+from facedetail.losses.photometric import masked_gradient_photometric_loss, masked_photometric_loss
 from facedetail.losses.regularization import detail_regularization
 from facedetail.losses.schedules import weight_at
 from facedetail.models.detail_model import DetailGenerator
@@ -320,6 +323,10 @@ class DetailTrainer:
         if self.weights.get("adversarial", 0.0) > 0:
             condition = coarse_full if self.config["discriminator"].get("conditional", True) else None
             terms["adversarial"] = lsgan_g_loss(self.discriminator(detailed_full, condition))
+        if self.weights.get("gradient_photometric", 0.0) > 0:
+            terms["gradient_photometric"] = masked_gradient_photometric_loss(detailed, real, mask)
+            if training and self.dist.enabled:  # the photometric term's rescaling (mask area; the pair area is ~ proportional)
+                terms["gradient_photometric"] = terms["gradient_photometric"] * (area / mean_area)
         if self.weights.get("uv_photometric", 0.0) > 0:
             # DECA-style photometric term in UV space: the unwrapped photo vs albedo x SH(detailed normals) over the
             # visible texels of the face region, at the full UV resolution (no pixel resampling of the normal map)
