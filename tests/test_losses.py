@@ -8,6 +8,7 @@ import torch
 
 from facedetail.losses import (
     detail_regularization,
+    displacement_lowpass_regularization,
     lsgan_d_loss,
     lsgan_g_loss,
     masked_gradient_photometric_loss,
@@ -238,3 +239,22 @@ def test_project_schedule_parameters_are_valid(conf_file: str) -> None:
     config = yaml.safe_load(path.read_text())["train"]["detail_regularization"]
     validate_schedule(config)
     assert weight_at(0, config) > weight_at(int(config["decay_steps"]), config)
+
+
+def test_displacement_lowpass_hand_computed_and_blind_to_wrinkles() -> None:
+    """Mean |masked Gaussian low-pass| over the valid texels: a constant map costs its height, two isolated valid
+    texels (farther apart than the kernel radius) their own values, a +-a checkerboard almost nothing."""
+    valid = torch.ones(1, 1, 12, 12)
+    assert displacement_lowpass_regularization(torch.full((2, 1, 12, 12), -0.05), valid, 2.0).item() == pytest.approx(0.05)
+    isolated = torch.zeros(1, 1, 12, 12)
+    isolated[0, 0, 0, 0] = isolated[0, 0, 11, 11] = 1.0
+    d = torch.zeros(1, 1, 12, 12)
+    d[0, 0, 0, 0], d[0, 0, 11, 11], d[0, 0, 5, 5] = 0.2, -0.4, 9.0  # (5, 5) is not valid: ignored
+    assert displacement_lowpass_regularization(d, isolated, 1.0).item() == pytest.approx(0.3)
+    checker = 0.1 * (1 - 2 * ((torch.arange(12)[:, None] + torch.arange(12)[None]) % 2)).float().view(1, 1, 12, 12)
+    assert displacement_lowpass_regularization(checker, valid, 2.0).item() < 0.002
+    d = torch.full((1, 1, 12, 12), 0.1, requires_grad=True)
+    displacement_lowpass_regularization(d, valid, 2.0).backward()
+    assert torch.isfinite(d.grad).all() and float(d.grad.sum()) > 0
+    with pytest.raises(ValueError, match="sigma"):
+        displacement_lowpass_regularization(d, valid, 0.0)

@@ -15,6 +15,8 @@ coarse mesh's lighting and de-lit albedo; the losses are
 * optional (``loss_weights.gradient_photometric`` > 0, default off): the shading-gradient (high-pass) photometric
   term, image gradients of the detailed render vs the photo inside the mask
   (:func:`~facedetail.losses.photometric.masked_gradient_photometric_loss`).
+* optional (``loss_weights.detail_lowpass`` > 0, default off): the mean absolute low-pass (``detail_lowpass_sigma``
+  texels) of the displacement, so smooth bulges cost their height and zero-mean wrinkles little.
 
 The module knows nothing of Kedro or MLflow: logging goes through the ``log_metrics`` and
 ``log_images`` callbacks.
@@ -39,7 +41,7 @@ from facedetail.geometry.face_model import FaceModel
 from facedetail.losses.adversarial import lsgan_d_loss, lsgan_g_loss
 from facedetail.losses.perceptual import perceptual_cosine_loss
 from facedetail.losses.photometric import masked_gradient_photometric_loss, masked_photometric_loss
-from facedetail.losses.regularization import detail_regularization
+from facedetail.losses.regularization import detail_regularization, displacement_lowpass_regularization
 from facedetail.losses.schedules import weight_at
 from facedetail.models.detail_model import DetailGenerator
 from facedetail.models.discriminator import build_discriminator
@@ -333,6 +335,9 @@ class DetailTrainer:
             uv_render = scene.albedo_map * irradiance_map(detailed_normals, scene.gamma)
             uv_mask = batch.texture_valid * self.uv_face_region
             terms["uv_photometric"] = masked_photometric_loss(uv_render.clamp(0.0, 1.0), batch.uv_textures, uv_mask)
+        if self.weights.get("detail_lowpass", 0.0) > 0:
+            terms["detail_lowpass"] = displacement_lowpass_regularization(
+                displacement, scene.uv_valid, float(self.config.get("detail_lowpass_sigma", 3.0)))
         coarse_points, refined_points = displacement_regularization_points(scene.position_map, detailed_positions, scene.uv_valid)
         terms["detail_regularization"] = detail_regularization(coarse_points, refined_points)
         weights = {name: float(self.weights.get(name, 0.0)) for name in terms}
