@@ -107,3 +107,24 @@ def test_ground_truth_render_differs_from_coarse_inside_the_face_only(face_model
     angle = normal_angle_degrees(normals, scene.normal_map)
     far = torch.nn.functional.max_pool2d((gt.abs() > 0).float(), 5, 1, 2) == 0
     assert angle[far & renderer.uv_valid.bool()].max() < 1e-3 and angle.max() > 1.0
+
+
+def test_benchmark_overrides_set_nested_train_keys():
+    """``--set key.path=value`` (YAML-parsed) is applied after the variant's weights; bad items are refused."""
+    import importlib.util
+
+    from tests.conftest import REPO_ROOT
+
+    spec = importlib.util.spec_from_file_location("detail_recovery", REPO_ROOT / "benchmarks" / "detail_recovery.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    params = {"train": {"loss_weights": {"photometric": 1.0, "uv_photometric": 0.0}, "model": {"regions": 4},
+                        "optimizer": {"lr": 0.001}}}
+    config = bench.train_config(params, "gradient", 10, 2, "/tmp/x", None,
+                                ["loss_weights.gradient_photometric=2.5", "model.regions=8", "albedo_blur_sigma=1"])
+    assert config["loss_weights"] == {"photometric": 1.0, "uv_photometric": 0.0, "gradient_photometric": 2.5,
+                                      "perceptual": 0.0, "adversarial": 0.0}
+    assert config["model"]["regions"] == 8 and config["albedo_blur_sigma"] == 1 and config["steps"] == 10
+    assert params["train"]["model"]["regions"] == 4  # the project's parameters are not modified
+    with pytest.raises(ValueError, match="key.path=value"):
+        bench.apply_overrides({}, ["loss_weights.photometric"])

@@ -8,8 +8,10 @@ import torch
 
 from facedetail.losses import (
     detail_regularization,
+    displacement_lowpass_regularization,
     lsgan_d_loss,
     lsgan_g_loss,
+    masked_gradient_photometric_loss,
     masked_photometric_loss,
     perceptual_cosine_loss,
     validate_schedule,
@@ -77,6 +79,40 @@ def test_photometric_gradient_finite_at_zero_difference_and_masked_out() -> None
     assert torch.equal(render.grad[0, :, 1, 1], torch.zeros(3))  # outside the mask
     # d/dr of ||r - t|| / area at pixel (0,0): (3,4,0)/5/3
     assert torch.allclose(render.grad[0, :, 0, 0], torch.tensor([3.0, 4.0, 0.0]) / 5 / 3)
+
+
+def test_gradient_photometric_hand_computed() -> None:
+    """Forward differences of (render - target) along y and x, RGB norm, weighted by mask[p] * mask[p + e]."""
+    target = torch.full((1, 1, 2, 2), 0.25)
+    render = target + torch.tensor([[[[1.0, 2.0], [4.0, 8.0]]]])
+    # x: 2-1 = 1, 8-4 = 4; y: 4-1 = 3, 8-2 = 6 -> 14 / 4 pairs
+    assert masked_gradient_photometric_loss(render, target, torch.ones(1, 1, 2, 2)).item() == pytest.approx(3.5)
+    # pixel (1, 1) masked out: only the x pair of row 0 (1) and the y pair of column 0 (3) count
+    mask = torch.tensor([[[[1.0, 1.0], [1.0, 0.0]]]])
+    assert masked_gradient_photometric_loss(render, target, mask).item() == pytest.approx(2.0)
+    # soft mask: pair weights 0.5 * 1 -> (0.5 * 1 + 0.5 * 3) / (0.5 + 0.5)
+    soft = torch.tensor([[[[0.5, 1.0], [1.0, 0.0]]]])
+    assert masked_gradient_photometric_loss(render, target, soft).item() == pytest.approx(2.0)
+    # RGB: the x difference (3, 4, 0) has norm 5
+    rgb_render = torch.zeros(1, 3, 1, 2)
+    rgb_render[0, :, 0, 1] = torch.tensor([3.0, 4.0, 0.0])
+    assert masked_gradient_photometric_loss(rgb_render, torch.zeros_like(rgb_render), torch.ones(1, 1, 1, 2)).item() == pytest.approx(5.0)
+
+
+def test_gradient_photometric_ignores_a_smooth_offset_and_empty_masks() -> None:
+    """A constant (low-frequency) difference costs nothing, unlike in the plain photometric loss; an empty mask
+    gives exactly 0 with a finite gradient path."""
+    target = torch.rand(2, 3, 5, 6, generator=torch.Generator().manual_seed(0))
+    render = (target + 0.1).requires_grad_(True)
+    mask = torch.ones(2, 1, 5, 6)
+    assert masked_gradient_photometric_loss(render, target, mask).item() == pytest.approx(0.0, abs=1e-6)
+    assert masked_photometric_loss(render, target, mask).item() > 0.1
+    loss = masked_gradient_photometric_loss(render, target, torch.zeros(2, 1, 5, 6))
+    assert loss.item() == 0.0
+    loss.backward()
+    assert torch.isfinite(render.grad).all()
+    with pytest.raises(ValueError, match="equal shapes"):
+        masked_gradient_photometric_loss(render, target[:, :2], mask)
 
 
 def test_photometric_rejects_bad_shapes() -> None:
@@ -203,3 +239,22 @@ def test_project_schedule_parameters_are_valid(conf_file: str) -> None:
     config = yaml.safe_load(path.read_text())["train"]["detail_regularization"]
     validate_schedule(config)
     assert weight_at(0, config) > weight_at(int(config["decay_steps"]), config)
+
+
+def test_displacement_lowpass_hand_computed_and_blind_to_wrinkles() -> None:
+    """Mean |masked Gaussian low-pass| over the valid texels: a constant map costs its height, two isolated valid
+    texels (farther apart than the kernel radius) their own values, a +-a checkerboard almost nothing."""
+    valid = torch.ones(1, 1, 12, 12)
+    assert displacement_lowpass_regularization(torch.full((2, 1, 12, 12), -0.05), valid, 2.0).item() == pytest.approx(0.05)
+    isolated = torch.zeros(1, 1, 12, 12)
+    isolated[0, 0, 0, 0] = isolated[0, 0, 11, 11] = 1.0
+    d = torch.zeros(1, 1, 12, 12)
+    d[0, 0, 0, 0], d[0, 0, 11, 11], d[0, 0, 5, 5] = 0.2, -0.4, 9.0  # (5, 5) is not valid: ignored
+    assert displacement_lowpass_regularization(d, isolated, 1.0).item() == pytest.approx(0.3)
+    checker = 0.1 * (1 - 2 * ((torch.arange(12)[:, None] + torch.arange(12)[None]) % 2)).float().view(1, 1, 12, 12)
+    assert displacement_lowpass_regularization(checker, valid, 2.0).item() < 0.002
+    d = torch.full((1, 1, 12, 12), 0.1, requires_grad=True)
+    displacement_lowpass_regularization(d, valid, 2.0).backward()
+    assert torch.isfinite(d.grad).all() and float(d.grad.sum()) > 0
+    with pytest.raises(ValueError, match="sigma"):
+        displacement_lowpass_regularization(d, valid, 0.0)

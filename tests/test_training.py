@@ -261,6 +261,44 @@ def test_concurrent_run_on_the_same_checkpoint_folder_fails_clearly(face_model, 
     assert trainer.fit(data).final_step == 6  # released: the next run trains
 
 
+def test_gradient_photometric_term_is_optional_and_trains_the_generator(face_model, tmp_path):
+    """``loss_weights.gradient_photometric`` > 0 adds the shading-gradient term (off by default): the masked
+    gradient loss of the detailed render vs the photo, with gradients into the generator."""
+    from facedetail.losses import masked_gradient_photometric_loss
+
+    data = synthetic_faces(face_model)
+    off = DetailTrainer(face_model, None, tiny_config(tmp_path), UV, torch.device("cpu"))
+    assert "gradient_photometric" not in off.losses(data, step=0)[0]
+    config = tiny_config(tmp_path)
+    config["loss_weights"] = {"photometric": 0.0, "gradient_photometric": 1.0, "adversarial": 0.0}
+    trainer = DetailTrainer(face_model, None, config, UV, torch.device("cpu"))
+    terms, extras = trainer.losses(data, step=0)
+    expected = masked_gradient_photometric_loss(extras["detailed"], extras["images"], extras["mask"])
+    torch.testing.assert_close(terms["gradient_photometric"], expected)
+    assert float(terms["gradient_photometric"]) > 0
+    terms["total"].backward()
+    grads = [p.grad for p in trainer.generator.drconv.parameters() if p.grad is not None]
+    assert grads and max(float(g.abs().max()) for g in grads) > 0
+
+
+def test_detail_lowpass_term_is_optional(face_model, tmp_path):
+    """``loss_weights.detail_lowpass`` > 0 adds the displacement low-pass regulariser (off by default) on the
+    generator's displacement, with ``detail_lowpass_sigma``, weighted into the total."""
+    from facedetail.losses import displacement_lowpass_regularization
+
+    data = synthetic_faces(face_model)
+    off = DetailTrainer(face_model, None, tiny_config(tmp_path), UV, torch.device("cpu"))
+    assert "detail_lowpass" not in off.losses(data, step=0)[0]
+    config = tiny_config(tmp_path)
+    config["loss_weights"] = {"photometric": 0.0, "detail_lowpass": 2.0, "adversarial": 0.0}
+    config["detail_lowpass_sigma"] = 1.5
+    trainer = DetailTrainer(face_model, None, config, UV, torch.device("cpu"))
+    terms, extras = trainer.losses(data, step=0)
+    expected = displacement_lowpass_regularization(extras["displacement"], trainer.renderer.uv_valid, 1.5)
+    torch.testing.assert_close(terms["detail_lowpass"], expected)
+    assert extras["weights"]["weight_detail_lowpass"] == 2.0 and float(terms["detail_lowpass"]) > 0
+
+
 def test_uv_photometric_term_is_optional_and_trains_the_generator(face_model, tmp_path):
     """``loss_weights.uv_photometric`` > 0 adds the UV-space photometric term (off by default): the unwrapped
     texture vs albedo x SH(detailed normals) over the visible face texels, with gradients into the generator."""

@@ -220,6 +220,8 @@ class LossWeightsParams(Section):
     perceptual: NonNegativeFloat = 0.0
     adversarial: NonNegativeFloat = 0.0
     uv_photometric: NonNegativeFloat = 0.0  # DECA-style photometric term in UV space (training.loop); 0 = off
+    gradient_photometric: NonNegativeFloat = 0.0  # shading-gradient (high-pass) photometric term (training.loop); 0 = off
+    detail_lowpass: NonNegativeFloat = 0.0  # low-pass displacement regulariser (training.loop); 0 = off
 
 
 class ScheduleParams(Section):
@@ -256,6 +258,7 @@ class TrainParams(Section):
     steps: PositiveInt
     batch_size: PositiveInt
     albedo_blur_sigma: NonNegativeFloat = 2.0
+    detail_lowpass_sigma: PositiveFloat = 3.0  # texels; blur of the loss_weights.detail_lowpass term
     loss_weights: LossWeightsParams
     detail_regularization: ScheduleParams
     nan_tolerance: NonNegativeInt = 5

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from facedetail.geometry.detail import masked_blur
+
 
 def detail_regularization(
     coarse_vertices: torch.Tensor, refined_vertices: torch.Tensor, mask: torch.Tensor | None = None
@@ -42,3 +44,22 @@ def detail_regularization(
     weights = mask.to(distances.dtype)
     per_sample = (distances * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1e-8)
     return per_sample.mean()
+
+
+def displacement_lowpass_regularization(displacement: torch.Tensor, valid: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Mean absolute low-pass of a displacement map: ``sum_valid |blur_sigma(d)| / #valid`` (face-model units).
+
+    Detail is high-frequency (wrinkles and folds oscillate or are narrow); a smooth bulge of the surface is the
+    coarse model's job. The masked Gaussian blur (``sigma`` texels, normalised over the valid texels) of a
+    zero-mean wrinkle pattern is ~0, so this term costs wrinkles little and smooth blotches their full height.
+
+    Args:
+        displacement: ``(B, 1, S, S)``.
+        valid: ``(1 or B, 1, S, S)`` texels of the UV layout (0/1).
+        sigma: Gaussian sigma in texels (> 0).
+    """
+    if sigma <= 0:
+        raise ValueError(f"sigma must be > 0 texels, got {sigma}")
+    weights = valid.to(displacement.dtype).expand_as(displacement)
+    lowpass = masked_blur(displacement, valid, float(sigma))
+    return (lowpass.abs() * weights).sum() / weights.sum().clamp_min(1e-8)

@@ -11,7 +11,12 @@ coarse mesh's lighting and de-lit albedo; the losses are
 * detail regularisation (Eq. 2, mean point distance coarse vs. detailed surface) whose weight
   decays on the schedule ``detail_regularization``;
 * optional (``loss_weights.uv_photometric`` > 0, default off): the photometric term in UV space (DECA), the
-  unwrapped photo vs. albedo x SH(detailed normal map) over the visible face-region texels.
+  unwrapped photo vs. albedo x SH(detailed normal map) over the visible face-region texels;
+* optional (``loss_weights.gradient_photometric`` > 0, default off): the shading-gradient (high-pass) photometric
+  term, image gradients of the detailed render vs the photo inside the mask
+  (:func:`~facedetail.losses.photometric.masked_gradient_photometric_loss`).
+* optional (``loss_weights.detail_lowpass`` > 0, default off): the mean absolute low-pass (``detail_lowpass_sigma``
+  texels) of the displacement, so smooth bulges cost their height and zero-mean wrinkles little.
 
 The module knows nothing of Kedro or MLflow: logging goes through the ``log_metrics`` and
 ``log_images`` callbacks.
@@ -35,8 +40,8 @@ from facedetail.geometry.detail import displacement_regularization_points
 from facedetail.geometry.face_model import FaceModel
 from facedetail.losses.adversarial import lsgan_d_loss, lsgan_g_loss
 from facedetail.losses.perceptual import perceptual_cosine_loss
-from facedetail.losses.photometric import masked_photometric_loss
-from facedetail.losses.regularization import detail_regularization
+from facedetail.losses.photometric import masked_gradient_photometric_loss, masked_photometric_loss
+from facedetail.losses.regularization import detail_regularization, displacement_lowpass_regularization
 from facedetail.losses.schedules import weight_at
 from facedetail.models.detail_model import DetailGenerator
 from facedetail.models.discriminator import build_discriminator
@@ -320,12 +325,19 @@ class DetailTrainer:
         if self.weights.get("adversarial", 0.0) > 0:
             condition = coarse_full if self.config["discriminator"].get("conditional", True) else None
             terms["adversarial"] = lsgan_g_loss(self.discriminator(detailed_full, condition))
+        if self.weights.get("gradient_photometric", 0.0) > 0:
+            terms["gradient_photometric"] = masked_gradient_photometric_loss(detailed, real, mask)
+            if training and self.dist.enabled:  # the photometric term's rescaling (mask area; the pair area is ~ proportional)
+                terms["gradient_photometric"] = terms["gradient_photometric"] * (area / mean_area)
         if self.weights.get("uv_photometric", 0.0) > 0:
             # DECA-style photometric term in UV space: the unwrapped photo vs albedo x SH(detailed normals) over the
             # visible texels of the face region, at the full UV resolution (no pixel resampling of the normal map)
             uv_render = scene.albedo_map * irradiance_map(detailed_normals, scene.gamma)
             uv_mask = batch.texture_valid * self.uv_face_region
             terms["uv_photometric"] = masked_photometric_loss(uv_render.clamp(0.0, 1.0), batch.uv_textures, uv_mask)
+        if self.weights.get("detail_lowpass", 0.0) > 0:
+            terms["detail_lowpass"] = displacement_lowpass_regularization(
+                displacement, scene.uv_valid, float(self.config.get("detail_lowpass_sigma", 3.0)))
         coarse_points, refined_points = displacement_regularization_points(scene.position_map, detailed_positions, scene.uv_valid)
         terms["detail_regularization"] = detail_regularization(coarse_points, refined_points)
         weights = {name: float(self.weights.get(name, 0.0)) for name in terms}
