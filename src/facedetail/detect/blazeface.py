@@ -65,6 +65,15 @@ class BlazeFaceDetector:
         import torch
         from torchvision.ops import nms
 
+        with quiet_native_stderr():  # LiteRT warns about unaligned input tensors of the tiles (harmless copies)
+            faces = self._detect_tiles(image)
+        if len(faces) < 2:
+            return faces
+        keep = nms(torch.as_tensor(np.stack([f[0] for f in faces])), torch.as_tensor([f[1] for f in faces], dtype=torch.float64), self.overlap)
+        return [faces[int(k)] for k in keep]
+
+    def _detect_tiles(self, image: np.ndarray) -> list[tuple[np.ndarray, float, np.ndarray]]:
+        """Every detection of the whole image and of its tiles, in full-image pixels (not merged)."""
         faces = self._detect_once(image)
         height, width = image.shape[:2]
         for fraction in self.tile_fractions:
@@ -77,10 +86,7 @@ class BlazeFaceDetector:
                     shift = np.array([x, y], float)
                     for bbox, score, points in self._detect_once(image[y : y + side, x : x + side]):
                         faces.append((bbox + np.tile(shift, 2), score, points + shift))
-        if len(faces) < 2:
-            return faces
-        keep = nms(torch.as_tensor(np.stack([f[0] for f in faces])), torch.as_tensor([f[1] for f in faces], dtype=torch.float64), self.overlap)
-        return [faces[int(k)] for k in keep]
+        return faces
 
     def _detect_once(self, image: np.ndarray) -> list[tuple[np.ndarray, float, np.ndarray]]:
         """BlazeFace on one image as it is (no tiles)."""
