@@ -209,7 +209,8 @@ def quiet_native_stderr() -> Iterator[None]:
     if os.environ.get("GLOG_minloglevel") == "0":
         yield
         return
-    sys.stderr.flush()
+    if sys.stderr is not None:  # None at interpreter teardown (finalizers)
+        sys.stderr.flush()
     saved = os.dup(2)
     try:
         with open(os.devnull, "wb") as null:
@@ -225,7 +226,8 @@ def quiet_native_stderr() -> Iterator[None]:
 def close_quietly(task: object) -> None:
     """Close a MediaPipe task (landmarker, detector), ignoring errors of an already closed one."""
     try:
-        task.close()  # type: ignore[attr-defined]
+        with quiet_native_stderr():  # LiteRT says "DestroyAccelerator" on close
+            task.close()  # type: ignore[attr-defined]
     except Exception:  # noqa: BLE001 - closing twice or at teardown must not raise
         pass
 
