@@ -310,15 +310,13 @@ def apply_overrides(config: dict[str, Any], overrides: list[str]) -> dict[str, A
     """``["loss_weights.uv_photometric=2", "model.regions=8"]`` -> ``config`` with those (YAML-parsed) values set."""
     import yaml
 
+    from facedetail.config import set_dotted
+
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ValueError(f"--set expects key.path=value, got {item!r}")
-        *parents, leaf = key.split(".")
-        node = config
-        for name in parents:
-            node = node.setdefault(name, {})
-        node[leaf] = yaml.safe_load(value)
+        set_dotted(config, key, yaml.safe_load(value))
     return config
 
 

