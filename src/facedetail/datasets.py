@@ -356,20 +356,20 @@ class ShardedFaceDataset(AbstractVersionedDataset):
         final.parent.mkdir(parents=True, exist_ok=True)
         staging = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
         staging.mkdir()
+        def link_or_copy(source, destination) -> None:
+            try:
+                os.link(source, destination)
+            except OSError:  # another file system
+                shutil.copy2(source, destination)
+
         try:
             names = []
             for number, source in enumerate(data.shards):
                 name = shard_name(number)
-                try:
-                    os.link(source, staging / name)
-                except OSError:
-                    shutil.copy2(source, staging / name)
+                link_or_copy(source, staging / name)
                 names.append(name)
-            if data.index_path is not None and data._index is None:  # the runner's index file, never loaded here
-                try:
-                    os.link(data.index_path, staging / "index.parquet")
-                except OSError:
-                    shutil.copy2(data.index_path, staging / "index.parquet")
+            if data.unloaded_index_path is not None:  # the runner's index file, never loaded here
+                link_or_copy(data.unloaded_index_path, staging / "index.parquet")
             else:
                 data.index.to_parquet(staging / "index.parquet", index=False)
             meta = {"shards": names, "shard_sha256": list(data.shard_sha256), "faces": int(len(data)), "meta": data.meta}

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 
 from facedetail.data.execution import SynchronousExecutor
+from facedetail.data.shards import shard_face_ids
 from facedetail.data.stages import ShardInput, ShardStage, run_stage
 from facedetail.datasets import ShardedFaceDataset
 
@@ -75,7 +76,7 @@ def test_index_and_report_stream_into_the_same_tables(tmp_path):
     assert list(index.columns[:6]) == ["face_id", "shard", "position", "face_sha256", "status", "reason"]
     assert index["shard"].tolist() == [k for k in range(4) for _ in range(9)]
     assert index["position"].tolist() == list(range(9)) * 4
-    assert data.face_ids(2) == [f"photo_0002_{i:05d}__f0" for i in range(9)] and data.count("ok") == 36
+    assert shard_face_ids(data.index_path, 2) == [f"photo_0002_{i:05d}__f0" for i in range(9)] and data.count("ok") == 36
     frame = report.frame()
     assert len(frame) == 36 and frame["face_id"].tolist() == index["face_id"].tolist()
     assert frame["bbox"].isna().sum() == 8 and list(frame["bbox"].iloc[1]) == [1.0, 2.0, 3.0, 4.0]

@@ -133,7 +133,7 @@ def worker_count(settings: Mapping[str, Any]) -> int:
     if scheduler == "local":
         return max(1, int(settings.get("n_workers") or os.cpu_count() or 1))
     executor = get_executor(settings)
-    return max(1, sum(getattr(executor, "client").nthreads().values()))
+    return max(1, sum(executor.client.nthreads().values()))
 
 
 def get_executor(settings: Mapping[str, Any]) -> Executor:

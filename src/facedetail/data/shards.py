@@ -207,6 +207,11 @@ class FaceShards:
     def index(self, value: pd.DataFrame) -> None:
         self._index, self._faces = value, None
 
+    @property
+    def unloaded_index_path(self) -> Path | None:
+        """``index_path`` while the index has not been read into memory (a writer can link the file), else None."""
+        return self.index_path if self._index is None else None
+
     def __len__(self) -> int:
         if self._index is None and self._faces is not None:
             return self._faces
@@ -225,17 +230,10 @@ class FaceShards:
 
     def count(self, status: str = "ok") -> int:
         """Faces with ``status``, counted one index row group (shard) at a time when the index is a file."""
-        if self._index is not None or self.index_path is None:
+        if self.unloaded_index_path is None:
             return int((self.index["status"] == status).sum())
         return sum(int((batch.column("status").to_numpy(zero_copy_only=False) == status).sum())
                    for batch in _iter_parquet_batches(self.index_path, ["status"]))
-
-    def face_ids(self, number: int) -> list[str]:
-        """Face ids of shard ``number``, in order (only that shard's rows are read when the index is a file)."""
-        if self._index is not None or self.index_path is None:
-            rows = self.index[self.index["shard"] == number]
-            return [str(f) for f in rows.sort_values("position")["face_id"]]
-        return shard_face_ids(self.index_path, number)
 
     def read(self, number: int, verify: bool = False) -> list[dict[str, Any]]:
         """The faces of shard ``number`` (optionally checking the file against its recorded hash)."""

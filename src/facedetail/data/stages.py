@@ -153,7 +153,7 @@ def _part_paths(path: Path) -> tuple[Path, Path]:
     return path.with_suffix(".index.parquet"), path.with_suffix(".report.parquet")
 
 
-def _write_parts(path: Path, number: int, rows: list[dict[str, Any]], report: list[dict[str, Any]]) -> tuple[str, str]:
+def _write_parts(path: Path, rows: list[dict[str, Any]], report: list[dict[str, Any]]) -> tuple[str, str]:
     """Write one shard's index rows and report rows as parquet parts (atomically); their paths ("" for no report)."""
     index_path, report_path = _part_paths(path)
     atomic_write_bytes(index_path, table_bytes(index_frame(rows)))
@@ -177,7 +177,7 @@ def finished_task(stage: ShardStage, shard: ShardInput, work_dir: str) -> ShardO
         if file_sha256(path) == record["sha256"]:
             index_path, report_path = _part_paths(path)
             if "rows" in record:  # a record of the first format (rows inline): move its rows to parts
-                index_part, report_part = _write_parts(path, shard.number, record["rows"], record.get("report", []))
+                index_part, report_part = _write_parts(path, record["rows"], record.get("report", []))
                 record = {"sha256": record["sha256"], "faces": len(record["rows"]), "report": bool(report_part)}
                 atomic_write_bytes(record_path, json.dumps(record).encode())
             if index_path.is_file() and (report_path.is_file() or not record.get("report")):
@@ -218,7 +218,7 @@ def run_shard_task(stage: ShardStage, shard: ShardInput, work_dir: str) -> Shard
         records, report = stage.failed(shard, reason)
         failed = True
     sha = write_shard(path, records)
-    index_part, report_part = _write_parts(path, shard.number, index_rows(shard.number, records, stage.index_columns), report)
+    index_part, report_part = _write_parts(path, index_rows(shard.number, records, stage.index_columns), report)
     faces = len(records)
     del records, report
     if not failed:  # a failed task is not finished: the next run computes it again (the failure may be transient)
