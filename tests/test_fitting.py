@@ -151,7 +151,13 @@ def test_photometric_fit_on_a_rendered_face(ict, tmp_path: Path) -> None:
     assert result.losses["photometric"][0] < 0.04, result.losses
     assert result.losses["landmark_nme"][0] < 0.02
     fitted_gamma = ict.layout.split(result.coefficients)["gamma"]
-    assert fitted_gamma[0, 2] > 0.15  # frontal light found (true 0.25)
+    # the z / ambient / (3z^2 - 1) terms are nearly collinear on a frontal face: one coefficient splits
+    # differently with the fit's landmark weighting (0.20 with Deng's weights, 0.12 with uniform ones), so check
+    # the frontal light is there and the shading it gives over the face (same normals) matches the truth's
+    assert fitted_gamma[0, 2] > 0.08  # frontal light found (true 0.25)
+    true_shading = irradiance(normals, gamma)[0, ict.face_mask, 0]
+    fitted_shading = irradiance(normals, fitted_gamma)[0, ict.face_mask, 0]
+    assert torch.corrcoef(torch.stack([true_shading, fitted_shading]))[0, 1] > 0.98  # measured 0.991 (Deng: 0.987)
     assert result.albedo.shape == (1, ict.n_vertices, 3)
     skin = result.albedo[0, ict.face_mask].mean(0)
     assert skin[0] > skin[1] > skin[2]  # reddish albedo recovered from the image
@@ -295,7 +301,9 @@ def test_batched_fit_equals_fitting_in_smaller_batches(ict) -> None:
     """Per-face early stopping makes a face's result independent of its batch: 4 faces in one batch
     give what 2 + 2 and 1 + 3 give (float tolerance)."""
     images, targets = _rendered_faces(ict)
-    settings = FitSettings(rigid_steps=20, landmark_steps=80, photometric_steps=10, early_stop_patience=5)
+    # Deng's weights at 0.02: these faces converge (and stop) at different steps within 80
+    settings = FitSettings(rigid_steps=20, landmark_steps=80, photometric_steps=10, early_stop_patience=5,
+                           landmark_weights="deng", w_landmark=0.02)
     together = fit_coefficients(ict, images, targets, settings=settings)
     for split in ((2, 2), (1, 3)):
         parts = [fit_coefficients(ict, img, tgt, settings=settings)

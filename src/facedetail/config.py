@@ -132,14 +132,14 @@ class FittingParams(Section):
     lr_gamma: PositiveFloat = 0.01
     photometric_lr_scale: PositiveFloat = 0.1
     landmark_lr_final: PositiveFloat = 0.02
-    w_landmark: NonNegativeFloat = 0.02
+    w_landmark: NonNegativeFloat = 0.3
     w_photometric: NonNegativeFloat = 1.0
     w_id: NonNegativeFloat = 2e-3
     w_exp: NonNegativeFloat = 2e-3
     w_tex: NonNegativeFloat = 2e-3
     w_gamma: NonNegativeFloat = 0.05
     lighting_ridge: NonNegativeFloat = 1e-2
-    landmark_weights: list[NonNegativeFloat] | None = None
+    landmark_weights: Literal["uniform", "deng"] | Annotated[list[NonNegativeFloat], Field(min_length=68, max_length=68)] = "uniform"
     albedo_smoothing_steps: NonNegativeInt = 30
     albedo_every: PositiveInt = 5
     min_facing: Annotated[float, Field(ge=-1, le=1)] = 0.2

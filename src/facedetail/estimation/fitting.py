@@ -70,6 +70,17 @@ def deng_landmark_weights() -> torch.Tensor:
     return weights
 
 
+def landmark_weights(setting: Sequence[float] | str) -> torch.Tensor:
+    """(68,) landmark weights of a :attr:`FitSettings.landmark_weights` setting ("uniform", "deng" or 68 numbers)."""
+    if isinstance(setting, str):
+        if setting == "uniform":
+            return torch.ones(68)
+        if setting == "deng":
+            return deng_landmark_weights()
+        raise ValueError(f"landmark_weights must be 'uniform', 'deng' or 68 numbers, got {setting!r}")
+    return torch.as_tensor(list(setting), dtype=torch.float32)
+
+
 @dataclass
 class FitSettings:
     """Settings of :func:`fit_coefficients` (all part of the cache key upstream).
@@ -91,14 +102,17 @@ class FitSettings:
     photometric_lr_scale: float = 0.1  # geometry learning rates in the photometric stage, relative
     # the landmark stage's learning rates anneal (cosine) down to this fraction of theirs (1: constant)
     landmark_lr_final: float = 0.02
-    w_landmark: float = 0.02
+    w_landmark: float = 0.3  # x the weighted mean squared pixel error (0.02 with Deng weights before: benchmarks/fit_balance.py)
     w_photometric: float = 1.0
     w_id: float = 2e-3
     w_exp: float = 2e-3
     w_tex: float = 2e-3
     w_gamma: float = 0.05
     lighting_ridge: float = 1e-2  # ridge on the 8 non-ambient SH terms of the closed-form lighting
-    landmark_weights: Sequence[float] | None = None  # None: Deng et al.'s weights
+    # per-point weights of the landmark term (normalised to sum 1): "uniform" (every point counts as in the
+    # 68-point NME; measured better against human annotations, benchmarks/landmarks_annotated.py), "deng"
+    # (Deng et al.: 20x nose ridge and inner lips) or 68 numbers
+    landmark_weights: Sequence[float] | str = "uniform"
     albedo_smoothing_steps: int = 30
     albedo_every: int = 5
     min_facing: float = 0.2  # vertices whose rotated normal has z below this are not sampled for albedo
@@ -131,7 +145,7 @@ class FitSettings:
     def to_dict(self) -> dict:
         """Plain dict (for cache keys / MLflow params)."""
         out = asdict(self)
-        if out["landmark_weights"] is not None:
+        if not isinstance(out["landmark_weights"], str):
             out["landmark_weights"] = [float(w) for w in out["landmark_weights"]]
         return out
 
@@ -498,7 +512,7 @@ class _Problem:
         batch = images.shape[0]
         self.batch, self.height, self.width = batch, images.shape[1], images.shape[2]
         self.camera = model.camera.resized(self.width) if self.width != model.camera.image_size else model.camera
-        weights = deng_landmark_weights() if settings.landmark_weights is None else torch.as_tensor(settings.landmark_weights, dtype=torch.float32)
+        weights = landmark_weights(settings.landmark_weights)
         if weights.shape != (68,):
             raise ValueError(f"landmark_weights must have 68 entries, got {tuple(weights.shape)}")
         self.lmk_weights = (weights / weights.sum()).to(device)
