@@ -109,6 +109,7 @@ class DataPrepParams(Section):
 class LandmarksParams(Section):
     backend: Literal["mediapipe", "dlib", "face_alignment", "auto"] = "auto"
     blend_inner: bool = True
+    mirror_average: bool = True
 
 
 class MasksParams(Section):

@@ -287,6 +287,7 @@ class LandmarkStage(_BatchedStage):
         path = optional_weights_path((weights or {}).get("dlib_landmarks"), "dlib_landmarks")
         landmarks = estimation.get("landmarks") or {}
         params = {"backend": landmarks.get("backend", "mediapipe"), "blend_inner": bool(landmarks.get("blend_inner", True)),
+                  "mirror_average": bool(landmarks.get("mirror_average", True)),
                   "batch_size": estimation.get("batch_size", 8), "dlib_predictor": str(path) if path else None}
         return cls(params, device)
 
@@ -294,7 +295,8 @@ class LandmarkStage(_BatchedStage):
         from facedetail.detect.landmarks import LandmarkDetector
 
         return LandmarkDetector(backend=str(self.params.get("backend", "mediapipe")), device=resolve_device(self.device),
-                                dlib_predictor=self.params.get("dlib_predictor"), blend_inner=bool(self.params.get("blend_inner", True)))
+                                dlib_predictor=self.params.get("dlib_predictor"), blend_inner=bool(self.params.get("blend_inner", True)),
+                                mirror_average=bool(self.params.get("mirror_average", True)))
 
     def process_batch(self, detector, rows):
         crops = np.stack([r[0]["image"] for r in rows])
