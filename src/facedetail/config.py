@@ -110,6 +110,7 @@ class LandmarksParams(Section):
     backend: Literal["mediapipe", "dlib", "face_alignment", "auto"] = "auto"
     blend_inner: bool = True
     mirror_average: bool = True
+    dlib_box: Literal["mediapipe", "hog"] = "mediapipe"
 
 
 class MasksParams(Section):

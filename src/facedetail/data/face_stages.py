@@ -288,6 +288,7 @@ class LandmarkStage(_BatchedStage):
         landmarks = estimation.get("landmarks") or {}
         params = {"backend": landmarks.get("backend", "mediapipe"), "blend_inner": bool(landmarks.get("blend_inner", True)),
                   "mirror_average": bool(landmarks.get("mirror_average", True)),
+                  "dlib_box": str(landmarks.get("dlib_box", "mediapipe")),
                   "batch_size": estimation.get("batch_size", 8), "dlib_predictor": str(path) if path else None}
         return cls(params, device)
 
@@ -296,7 +297,8 @@ class LandmarkStage(_BatchedStage):
 
         return LandmarkDetector(backend=str(self.params.get("backend", "mediapipe")), device=resolve_device(self.device),
                                 dlib_predictor=self.params.get("dlib_predictor"), blend_inner=bool(self.params.get("blend_inner", True)),
-                                mirror_average=bool(self.params.get("mirror_average", True)))
+                                mirror_average=bool(self.params.get("mirror_average", True)),
+                                dlib_box=str(self.params.get("dlib_box", "mediapipe")))
 
     def process_batch(self, detector, rows):
         crops = np.stack([r[0]["image"] for r in rows])

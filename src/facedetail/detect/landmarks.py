@@ -111,6 +111,20 @@ FAN_BOX_224 = (38.0, 48.0, 186.0, 204.0)
 # median HOG box on the 57 aligned faces of the shared photos (HOG found 54; dlib's predictor was trained on
 # HOG boxes).
 DLIB_BOX_224 = (45.0, 45.0, 178.0, 189.0)
+# dlib's box from MediaPipe's points (``dlib_box="mediapipe"``): a square centred on the bounding box of the
+# mapped inner points (17-67: brows, nose, eyes, mouth), side = this factor x its larger extent. Calibrated on
+# the 54 shared aligned faces where HOG finds one box (median side / extent 1.30, centre offset ~0; median
+# residual 5.5 px in the centre, 9 px in the side of ~149 px boxes).
+DLIB_BOX_FROM_INNER_POINTS = 1.30
+DLIB_BOXES = ("mediapipe", "hog")
+
+
+def dlib_box_from_points(points68: np.ndarray) -> np.ndarray:
+    """dlib's face box (x0, y0, x1, y1) from 68 points' inner points (see :data:`DLIB_BOX_FROM_INNER_POINTS`)."""
+    inner = np.asarray(points68, np.float64)[17:]
+    low, high = inner.min(0), inner.max(0)
+    centre, half = (low + high) / 2.0, DLIB_BOX_FROM_INNER_POINTS * float((high - low).max()) / 2.0
+    return np.array([centre[0] - half, centre[1] - half, centre[0] + half, centre[1] + half])
 
 BACKENDS = ("mediapipe", "dlib", "face_alignment", "auto")
 
@@ -395,27 +409,29 @@ class _DlibBackend:
         self._hog = dlib.get_frontal_face_detector()
         self._dlib = dlib
 
-    def detect_one(self, crop: np.ndarray, box: np.ndarray) -> np.ndarray:
-        """68 points (crop pixels) for one aligned crop; ``box``: the fixed fallback box (x0, y0, x1, y1).
+    def detect_one(self, crop: np.ndarray, box: np.ndarray, use_hog: bool = True) -> np.ndarray:
+        """68 points (crop pixels) for one aligned crop; ``box``: the face box (x0, y0, x1, y1), used as given
+        (``use_hog=False``) or as the fallback when dlib's HOG detector finds no face on the crop.
 
         With ``mirror_average`` the points are the mean of the prediction on the crop and the un-mirrored
         prediction on its mirror image (test-time augmentation: the regression trees' left/right biases cancel).
         """
-        points = self._predict(crop, box)
+        box = np.round(np.asarray(box, np.float64))  # whole pixels (dlib's rectangle), so the mirror's box is exact
+        points = self._predict(crop, box, use_hog)
         if not self.mirror_average:
             return points
         width = crop.shape[1]
         mirrored_box = np.array([width - 1 - box[2], box[1], width - 1 - box[0], box[3]], float)
-        return 0.5 * (points + unmirror_ibug68(self._predict(crop[:, ::-1], mirrored_box), width))
+        return 0.5 * (points + unmirror_ibug68(self._predict(crop[:, ::-1], mirrored_box, use_hog), width))
 
-    def _predict(self, crop: np.ndarray, box: np.ndarray) -> np.ndarray:
+    def _predict(self, crop: np.ndarray, box: np.ndarray, use_hog: bool) -> np.ndarray:
         crop = np.ascontiguousarray(crop)
-        found = list(self._hog(crop, 0))
+        found = list(self._hog(crop, 0)) if use_hog else []
         if found:  # the HOG box closest to the crop's centre (the aligned face)
             centre = np.array(crop.shape[1::-1], float) / 2.0
             rect = min(found, key=lambda r: float(np.hypot(r.center().x - centre[0], r.center().y - centre[1])))
         else:
-            rect = self._dlib.rectangle(*(int(round(v)) for v in box))
+            rect = self._dlib.rectangle(*(int(v) for v in box))
         shape = self._predictor(crop, rect)
         return np.array([[shape.part(i).x, shape.part(i).y] for i in range(N_IBUG)], dtype=np.float64)
 
@@ -441,6 +457,9 @@ class LandmarkDetector:
         mirror_average: dlib backend: each detector's points are the mean of its prediction on the crop and
             the un-mirrored prediction on the mirrored crop (test-time augmentation; one more dlib and MediaPipe
             pass per face; measured on human annotations: see README "68 points against human annotations").
+        dlib_box: dlib backend: its face box: "mediapipe" (fitted to MediaPipe's mapped inner points,
+            :func:`dlib_box_from_points`; robust on turned faces, where dlib's frontal HOG detector misses or
+            mis-sizes them) or "hog" (HOG on the crop, else :data:`DLIB_BOX_224`).
     """
 
     def __init__(
@@ -455,6 +474,7 @@ class LandmarkDetector:
         dlib_predictor: str | os.PathLike | None = None,
         blend_inner: bool = True,
         mirror_average: bool = True,
+        dlib_box: str = "mediapipe",
     ) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"unknown landmark backend {backend!r}; expected one of {BACKENDS}")
@@ -468,6 +488,9 @@ class LandmarkDetector:
         self.fan_box = None if fan_box is None else np.asarray(fan_box, dtype=np.float64)
         self.blend_inner = bool(blend_inner)
         self.mirror_average = bool(mirror_average)
+        if dlib_box not in DLIB_BOXES:
+            raise ValueError(f"unknown dlib_box {dlib_box!r}; expected one of {DLIB_BOXES}")
+        self.dlib_box = dlib_box
         # dlib: its 68 points replace MediaPipe's mapped ones; MediaPipe still gives the dense points and
         # blendshapes (masks use them)
         self._dlib = _DlibBackend(dlib_predictor, self.mirror_average) if backend == "dlib" else None
@@ -498,9 +521,12 @@ class LandmarkDetector:
                     continue
                 dense[index], blendshapes[index] = result
                 if self._dlib is not None:
-                    points = self._dlib.detect_one(crop, self._box_for(*crop.shape[:2]))
+                    mapped = mediapipe_to_ibug68(result[0])
+                    if self.dlib_box == "mediapipe":
+                        points = self._dlib.detect_one(crop, dlib_box_from_points(mapped), use_hog=False)
+                    else:
+                        points = self._dlib.detect_one(crop, self._box_for(*crop.shape[:2]))
                     if self.blend_inner:  # two independent detectors: their mean errs less (jaw: dlib's outline)
-                        mapped = mediapipe_to_ibug68(result[0])
                         if self.mirror_average:
                             mirrored = self._impl.detect_one(np.ascontiguousarray(crop[:, ::-1]))
                             if mirrored is not None:
