@@ -60,6 +60,14 @@ def test_bad_values_are_named_with_their_dotted_key(base_params, change, expecte
     assert problems[0].startswith(expected), problems
 
 
+def test_landmark_weights_accept_a_name_or_68_numbers(base_params):
+    for good in ("uniform", "deng", [1.0] * 68):
+        assert parameter_problems(_bad(base_params, estimation__fitting__landmark_weights=good)) == []
+    for bad in ("even", [1.0] * 67):
+        problems = parameter_problems(_bad(base_params, estimation__fitting__landmark_weights=bad))
+        assert problems and all(p.startswith("estimation.fitting.landmark_weights") for p in problems), problems
+
+
 def test_every_problem_in_one_line(base_params):
     params = _bad(base_params, train__checkpoint_every=0, train__steps=0, train__stpes=3,
                   data_prep__detection__min_probability=1.5, uv_maps__uv_size=100)

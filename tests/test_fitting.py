@@ -64,6 +64,16 @@ def test_deng_landmark_weights() -> None:
     assert w.shape == (68,) and w[28] == w[30] == w[60] == w[67] == 20.0 and w[27] == w[31] == w[59] == 1.0
 
 
+def test_landmark_weight_settings() -> None:
+    from facedetail.estimation.fitting import landmark_weights
+
+    assert torch.equal(landmark_weights("uniform"), torch.ones(68))
+    assert torch.equal(landmark_weights("deng"), deng_landmark_weights())
+    assert torch.equal(landmark_weights([2.0] * 68), torch.full((68,), 2.0))
+    with pytest.raises(ValueError, match="'uniform', 'deng' or 68 numbers"):
+        landmark_weights("even")
+
+
 def test_landmark_nme_hand_computed() -> None:
     target = torch.zeros(1, 68, 2)
     target[0, 45, 0] = 100.0  # outer eye corners 100 px apart
