@@ -258,6 +258,7 @@ class TrainParams(Section):
     steps: PositiveInt
     batch_size: PositiveInt
     albedo_blur_sigma: NonNegativeFloat = 2.0
+    albedo_shading: Literal["coarse", "detailed"] = "coarse"  # de-light with the coarse or the current detailed shading
     detail_lowpass_sigma: PositiveFloat = 3.0  # texels; blur of the loss_weights.detail_lowpass term
     loss_weights: LossWeightsParams
     detail_regularization: ScheduleParams
