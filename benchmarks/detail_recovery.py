@@ -143,12 +143,13 @@ def face_region_uv(renderer: DetailRenderer) -> torch.Tensor:
 
 @torch.no_grad()
 def build_dataset(face_model: FaceModel, fits: dict[str, np.ndarray], uv_size: int, expressions: int, seed: int,
-                  albedo_sigma: float = 4.0, float_photos: bool = False) -> dict[str, Any]:
+                  albedo_sigma: float = 4.0, float_photos: bool = False, wrinkle_spacing: float = 1.0) -> dict[str, Any]:
     """Synthetic training/evaluation faces (module docstring). Returns tensors indexed by variant.
 
     ``float_photos``: keep the synthetic photos and their unwrapped textures in float (default: 8-bit, like real
     photos and the pipelines' stored ``uv_textures``); a diagnostic of how much of the wrinkle shading the 8-bit
-    quantisation hides.
+    quantisation hides. ``wrinkle_spacing``: :meth:`WrinkleStyle.sample`'s ``spacing`` (1: the default data; 0.5
+    about real furrow and crow's-feet spacing).
 
     ``albedo_sigma``: extra low-pass (texels) of the photo's de-lit albedo used to render the synthetic photos;
     0 keeps its fine detail, which the generator then also tries to explain with geometry (albedo/shape
@@ -156,7 +157,7 @@ def build_dataset(face_model: FaceModel, fits: dict[str, np.ndarray], uv_size: i
     """
     renderer = DetailRenderer(face_model, uv_size, 224)
     exp_slice = face_model.layout.slices["exp"]
-    styles = sample_styles(len(fits["face_ids"]), seed)
+    styles = sample_styles(len(fits["face_ids"]), seed, wrinkle_spacing)
     rng = np.random.default_rng(seed)
     rows: dict[str, list] = {k: [] for k in ("face_ids", "identity", "images", "coefficients", "uv_textures", "texture_valid",
                                             "expression_maps", "gt", "position_map", "normal_map", "zone", "coarse", "style",
@@ -383,6 +384,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--albedo-sigma", type=float, default=4.0, help="extra albedo low-pass of the synthetic photos (texels)")
     parser.add_argument("--float-photos", action="store_true",
                         help="diagnostic: float synthetic photos and textures (no 8-bit quantisation of the wrinkle shading)")
+    parser.add_argument("--wrinkle-spacing", type=float, default=1.0,
+                        help="factor on the ground truth's furrow / crow's-feet spacing (0.5: about real faces; data change)")
     parser.add_argument("--oracle-albedo", action="store_true",
                         help="diagnostic: the trainer shades with the data's TRUE albedo instead of its estimate from the photo")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -400,7 +403,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     params = project_params()
     face_model = load_face_model_from_params(params["face_model"], "cpu")
     fits = load_fits(params, work, args.faces)
-    data = build_dataset(face_model, fits, args.uv_size, args.expressions, args.seed, args.albedo_sigma, args.float_photos)
+    data = build_dataset(face_model, fits, args.uv_size, args.expressions, args.seed, args.albedo_sigma, args.float_photos, args.wrinkle_spacing)
     n_people = len(fits["face_ids"])
     people = np.random.default_rng(args.seed).permutation(n_people)
     heldout_people = set(people[: max(1, int(round(args.heldout * n_people)))].tolist())
@@ -432,7 +435,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     last = result.history[-1] if result.history else {}
     summary = {
         "variant": args.variant, "overrides": args.overrides, "steps": args.steps, "uv_size": args.uv_size, "photos": n_people,
-        "expressions": args.expressions, "albedo_sigma": args.albedo_sigma, "oracle_albedo": args.oracle_albedo, "float_photos": args.float_photos, "train_variants": len(train_index), "heldout_variants": len(test_index),
+        "expressions": args.expressions, "albedo_sigma": args.albedo_sigma, "oracle_albedo": args.oracle_albedo, "float_photos": args.float_photos, "wrinkle_spacing": args.wrinkle_spacing, "train_variants": len(train_index), "heldout_variants": len(test_index),
         "loss_weights": config["loss_weights"], "detail_regularization": config["detail_regularization"],
         "heldout": metrics, "train": {k: train_metrics[k] for k in ("coarse", "detailed", "normal_error_ratio")},
         "final_losses": {k: v for k, v in last.items() if k.startswith("loss_")},

@@ -128,3 +128,29 @@ def test_benchmark_overrides_set_nested_train_keys():
     assert params["train"]["model"]["regions"] == 4  # the project's parameters are not modified
     with pytest.raises(ValueError, match="key.path=value"):
         bench.apply_overrides({}, ["loss_weights.photometric"])
+
+
+def test_wrinkle_spacing_option_scales_furrow_and_crows_feet_spacing_only(face_model):
+    """``spacing`` multiplies the furrow period and divides the crow's-feet frequency (same random draws, 1 = the
+    default data); on the ICT mean face the default furrows are 17-25 mm apart (forehead ~380 mm per UV unit along v)."""
+    default, half = sample_styles(6, seed=0), sample_styles(6, seed=0, spacing=0.5)
+    assert sample_styles(6, seed=0, spacing=1.0) == default
+    for a, b in zip(default, half):
+        assert b.forehead_period == pytest.approx(0.5 * a.forehead_period)
+        assert b.crows_frequency == pytest.approx(2 * a.crows_frequency)
+        assert b.forehead_phase == a.forehead_phase and b.crows_depth == a.crows_depth and b.nasolabial_width == a.nasolabial_width
+    with pytest.raises(ValueError, match="spacing"):
+        sample_styles(1, seed=0, spacing=0.0)
+    # furrow spacing in mm: 3D length of one period along v at the forehead centre of the mean face
+    from facedetail.geometry.wrinkles import landmark_uv
+
+    size = 256
+    renderer = DetailRenderer(face_model, size, 224)
+    points = renderer.bake(face_model.mean_shape.reshape(1, -1, 3))[0] * face_model.mm_per_unit
+    lmk = landmark_uv(face_model)
+    u, v = float(lmk[[17, 26], 0].mean()), float(lmk[17:27, 1].max()) + 0.065
+    row, col = int((1 - v) * size), int(u * size)
+    mm_per_uv_v = float((points[:, row - 2, col] - points[:, row + 2, col]).norm()) / (4 / size)
+    assert 340 < mm_per_uv_v < 420
+    spacing_mm = [s.forehead_period * mm_per_uv_v for s in sample_styles(56, seed=0)]
+    assert 16 < min(spacing_mm) and max(spacing_mm) < 26
