@@ -200,6 +200,8 @@ class GeneratorParams(Section):
     texture_channels: PositiveInt = 3
     mask_channels: PositiveInt = 1
     expression_channels: PositiveInt = 3
+    texture_detail_gain: NonNegativeFloat = 0.0  # > 0: the texture's high-pass x gain as extra U-Net inputs
+    texture_detail_sigma: PositiveFloat = 2.0  # texels; the blur of that high-pass
 
 
 class DiscriminatorParams(Section):
