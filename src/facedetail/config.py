@@ -202,6 +202,7 @@ class GeneratorParams(Section):
     expression_channels: PositiveInt = 3
     texture_detail_gain: NonNegativeFloat = 0.0  # > 0: the texture's high-pass x gain as extra U-Net inputs
     texture_detail_sigma: PositiveFloat = 2.0  # texels; the blur of that high-pass
+    pattern_head: bool = False  # + pattern(embedding) x drive(expression map) before the tanh (DetailGenerator)
 
 
 class DiscriminatorParams(Section):

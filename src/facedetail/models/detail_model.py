@@ -54,6 +54,12 @@ class DetailGenerator(nn.Module):
             [-1, 1] input scale) as ``texture_channels`` more U-Net inputs: the fine shading of the person's wrinkles
             (often 1-3 grey levels) at a scale the embedding can use; 0 (default) keeps the paper's input.
         texture_detail_sigma: that blur, in texels.
+        pattern_head: adds ``pattern(embedding) x drive(expression_map)`` (two 1x1 convolutions) to DRConv's
+            output before the ``tanh``: a per-texel pattern from the embedding scaled by the local expression.
+            DRConv alone shapes a wrinkle through its region masks, whose gradient is zero once the regressed
+            filters shrink to zero, and its filters' gradient averages out over zero-mean oscillating wrinkles
+            (furrows, crow's feet) whose phase the masks do not yet follow: it collapses to zero displacement
+            there. The pattern term gets a per-texel gradient. ``False`` (default): the paper's generator.
     """
 
     def __init__(
@@ -76,6 +82,7 @@ class DetailGenerator(nn.Module):
         expression_channels: int = 3,
         texture_detail_gain: float = 0.0,
         texture_detail_sigma: float = 2.0,
+        pattern_head: bool = False,
     ) -> None:
         super().__init__()
         if not max_displacement > 0:
@@ -103,6 +110,8 @@ class DetailGenerator(nn.Module):
                              f"got {texture_detail_gain}, {texture_detail_sigma}")
         if texture_detail_gain > 0:  # only then in the config: older checkpoints' configs stay as they were
             self.config.update(texture_detail_gain=float(texture_detail_gain), texture_detail_sigma=float(texture_detail_sigma))
+        if pattern_head:
+            self.config["pattern_head"] = True
         self.texture_detail_gain = float(texture_detail_gain)
         self.texture_detail_sigma = float(texture_detail_sigma)
         self.max_displacement = float(max_displacement)
@@ -129,6 +138,8 @@ class DetailGenerator(nn.Module):
             filter_hidden=filter_hidden,
             soft_regions=soft_regions,
         )
+        self.pattern = nn.Conv2d(embedding_channels, 1, 1) if pattern_head else None
+        self.drive = nn.Conv2d(expression_channels, 1, 1, bias=False) if pattern_head else None
 
     @classmethod
     def config_keys(cls) -> tuple[str, ...]:
@@ -169,7 +180,10 @@ class DetailGenerator(nn.Module):
             raise ValueError(
                 f"expression_map must be (B, {self.expression_channels}, S, S) in face-model units, got {tuple(expression_map.shape)}"
             )
-        raw, masks = self.drconv.forward_with_masks(expression_map.to(embedding.dtype), embedding)
+        expression_map = expression_map.to(embedding.dtype)
+        raw, masks = self.drconv.forward_with_masks(expression_map, embedding)
+        if self.pattern is not None:
+            raw = raw + self.pattern(embedding) * self.drive(expression_map)
         return torch.tanh(raw) * self.max_displacement, masks
 
     def displacement_from(self, embedding: torch.Tensor, expression_map: torch.Tensor) -> torch.Tensor:
