@@ -342,6 +342,47 @@ def use_oracle_albedo(trainer: DetailTrainer, data: dict[str, Any]) -> None:
     trainer.cached_scene = oracle_scene  # type: ignore[method-assign]
 
 
+def free_displacement_bound(trainer: DetailTrainer, data: dict[str, Any], index: np.ndarray, steps: int, count: int = 16,
+                            lr: float = 0.002, oracle_albedo: bool = False) -> dict[str, Any]:
+    """Diagnostic (``--free-displacement STEPS``): no generator; one FREE displacement map per variant, optimised
+    (Adam) with the trainer's photometric terms (weights ``photometric`` and ``gradient_photometric``) on the
+    ``count`` most wrinkled of ``index``. Does the loss itself identify the wrinkles (fit = evaluation set, so an
+    upper bound of what a generator can learn from it)? Returns the coarse and optimised normal errors / RMSE."""
+    renderer, mm = trainer.renderer, trainer.face_model.mm_per_unit
+    depth = data["gt"][torch.as_tensor(index)].abs().flatten(1).amax(1)
+    idx = torch.as_tensor(index)[torch.argsort(depth, descending=True)[:count]]
+    scene = renderer.prepare(data["coefficients"][idx], data["uv_textures"][idx], data["texture_valid"][idx])
+    if oracle_albedo:
+        scene.albedo_map = data["albedo"][idx]
+    photos, gt, mask = unit_images(data["images"][idx]), data["gt"][idx], scene.render_mask
+    w_photo, w_grad = (float(trainer.weights.get(k, 0.0)) for k in ("photometric", "gradient_photometric"))
+    displacement = torch.zeros_like(gt, requires_grad=True)
+    optimizer = torch.optim.Adam([displacement], lr=lr)
+    history = []
+    for step in range(steps):
+        render = renderer.render(scene, renderer.detailed_maps(scene, displacement * scene.uv_valid)[1])
+        loss = w_photo * masked_photometric_loss(render, photos, mask) + w_grad * masked_gradient_photometric_loss(render, photos, mask)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        history.append(float(loss))
+    pools = {name: ErrorPool() for name in ("coarse", "free", "coarse_zone", "free_zone")}
+    with torch.no_grad():
+        _, gt_normals = renderer.detailed_maps(scene, gt)
+        free = displacement.detach() * scene.uv_valid
+        _, free_normals = renderer.detailed_maps(scene, free)
+        zone = data["zone"][idx] & data["region"]
+        for name, d, n, where in (("coarse", torch.zeros_like(gt), scene.normal_map, data["region"]), ("free", free, free_normals, data["region"]),
+                                  ("coarse_zone", torch.zeros_like(gt), scene.normal_map, zone), ("free_zone", free, free_normals, zone)):
+            pools[name].add(d, gt, n, gt_normals, where)
+        gt_render = renderer.render(scene, gt_normals)
+        gt_loss = w_photo * masked_photometric_loss(gt_render, photos, mask) + w_grad * masked_gradient_photometric_loss(gt_render, photos, mask)
+    out: dict[str, Any] = {name: pool.result(mm) for name, pool in pools.items()}
+    out.update(variants=len(idx), steps=steps, lr=lr, loss_first=history[0], loss_last=history[-1], loss_ground_truth=float(gt_loss),
+               normal_error_ratio=out["free"]["normal_error_deg"] / max(out["coarse"]["normal_error_deg"], 1e-9))
+    return out
+
+
 def apply_overrides(config: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """``["loss_weights.uv_photometric=2", "model.regions=8"]`` -> ``config`` with those (YAML-parsed) values set."""
     import yaml
@@ -386,6 +427,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="diagnostic: float synthetic photos and textures (no 8-bit quantisation of the wrinkle shading)")
     parser.add_argument("--wrinkle-spacing", type=float, default=1.0,
                         help="factor on the ground truth's furrow / crow's-feet spacing (0.5: about real faces; data change)")
+    parser.add_argument("--free-displacement", type=int, default=0, metavar="STEPS",
+                        help="diagnostic: no training; optimise free displacement maps of the 16 most wrinkled held-out "
+                             "variants for STEPS steps with the variant's photometric terms (does the loss identify the truth?)")
     parser.add_argument("--oracle-albedo", action="store_true",
                         help="diagnostic: the trainer shades with the data's TRUE albedo instead of its estimate from the photo")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -423,6 +467,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             cache = REPO_ROOT.parent / "main" / params["weights"]["facenet_cache"]
         embedder, _ = load_face_embedder(params["weights"].get("facenet") or None, cache, "cpu")
     trainer = DetailTrainer(face_model, embedder, config, args.uv_size, torch.device("cpu"))
+    if args.free_displacement > 0:
+        bound = free_displacement_bound(trainer, data, test_index, args.free_displacement, oracle_albedo=args.oracle_albedo)
+        name = f"detail_recovery_free_{args.variant}{'_' + args.tag if args.tag else ''}"
+        summary = {"variant": args.variant, "overrides": args.overrides, "uv_size": args.uv_size, "albedo_sigma": args.albedo_sigma,
+                   "oracle_albedo": args.oracle_albedo, "float_photos": args.float_photos, "wrinkle_spacing": args.wrinkle_spacing,
+                   "free_displacement": bound, "seconds": round(time.perf_counter() - tic, 1)}
+        atomic_write_bytes(Path(args.out) / f"{name}.json", json.dumps(summary, indent=1).encode())
+        print(f"free displacement ({bound['variants']} held-out variants, {bound['steps']} steps): normal error "
+              f"{bound['coarse']['normal_error_deg']:.2f} -> {bound['free']['normal_error_deg']:.2f} ({bound['normal_error_ratio']:.2f}x) "
+              f"[zones {bound['coarse_zone']['normal_error_deg']:.2f} -> {bound['free_zone']['normal_error_deg']:.2f}], RMSE "
+              f"{bound['coarse']['displacement_rmse_mm']:.3f} -> {bound['free']['displacement_rmse_mm']:.3f} mm; loss "
+              f"{bound['loss_first']:.5f} -> {bound['loss_last']:.5f} (ground truth {bound['loss_ground_truth']:.5f})")
+        print(json.dumps(summary), flush=True)
+        return summary
     if args.oracle_albedo:
         use_oracle_albedo(trainer, data)
     result = trainer.fit(face_tensors(data, train_index))

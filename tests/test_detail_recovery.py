@@ -154,3 +154,29 @@ def test_wrinkle_spacing_option_scales_furrow_and_crows_feet_spacing_only(face_m
     assert 340 < mm_per_uv_v < 420
     spacing_mm = [s.forehead_period * mm_per_uv_v for s in sample_styles(56, seed=0)]
     assert 16 < min(spacing_mm) and max(spacing_mm) < 26
+
+
+def test_oracle_albedo_replaces_the_trainers_estimate_per_face(face_model, tmp_path):
+    """``--oracle-albedo``: the trainer's cached per-face scenes shade the data's true albedo, matched by face id."""
+    import importlib.util
+
+    from facedetail.training.loop import DetailTrainer
+    from tests.conftest import REPO_ROOT
+    from tests.test_training import UV, synthetic_faces, tiny_config
+
+    spec = importlib.util.spec_from_file_location("detail_recovery", REPO_ROOT / "benchmarks" / "detail_recovery.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    faces = synthetic_faces(face_model, n=3)
+    trainer = DetailTrainer(face_model, None, tiny_config(tmp_path), UV, torch.device("cpu"))
+    albedo = torch.rand(3, 3, UV, UV)
+    bench.use_oracle_albedo(trainer, {"face_ids": faces.face_ids, "albedo": albedo})
+    trainer._scene_cache = {}  # what fit() sets for small training sets
+    batch = faces.subset([2, 0])
+    scene = trainer.cached_scene(batch)
+    torch.testing.assert_close(scene.albedo_map, albedo[[2, 0]])
+    estimated = trainer.renderer.prepare(batch.coefficients, batch.uv_textures, batch.texture_valid)
+    torch.testing.assert_close(scene.normal_map, estimated.normal_map)  # only the albedo changes
+    trainer._scene_cache = None
+    with pytest.raises(RuntimeError, match="scene cache"):
+        trainer.cached_scene(batch)
