@@ -31,6 +31,11 @@ Usage (repository root; 5-12 min on 2 busy cores: data 1-5 min, 300 steps 2.5-5.
     PYTHONPATH=src python benchmarks/detail_recovery.py [--variant photometric] [--steps 300] [--uv-size 64]
         [--albedo-sigma 4] [--set loss_weights.gradient_photometric=2] [--tag name]
 
+Diagnostics (README "Diagnosis"): ``--oracle-albedo`` (the trainer shades the data's true albedo), ``--float-photos``
+(no 8-bit quantisation of the synthetic photos), ``--free-displacement STEPS`` (no generator: free per-variant maps
+optimised with the variant's photometric terms), ``--wrinkle-spacing F`` (ground-truth furrow / crow's-feet spacing
+x F; a change of the data, 1 = the default data).
+
 ``--albedo-sigma`` is in texels: the same value at UV 128 is half the physical low-pass of UV 64 (the data of the
 README's rows name both). The evaluation also reports the held-out image-space photometric and shading-gradient
 losses of the coarse surface, the ground truth and the prediction (does the loss prefer the truth?).
