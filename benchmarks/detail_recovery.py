@@ -31,6 +31,11 @@ Usage (repository root; 5-12 min on 2 busy cores: data 1-5 min, 300 steps 2.5-5.
     PYTHONPATH=src python benchmarks/detail_recovery.py [--variant photometric] [--steps 300] [--uv-size 64]
         [--albedo-sigma 4] [--set loss_weights.gradient_photometric=2] [--tag name]
 
+Diagnostics (README "Diagnosis"): ``--oracle-albedo`` (the trainer shades the data's true albedo), ``--float-photos``
+(no 8-bit quantisation of the synthetic photos), ``--free-displacement STEPS`` (no generator: free per-variant maps
+optimised with the variant's photometric terms), ``--wrinkle-spacing F`` (ground-truth furrow / crow's-feet spacing
+x F; a change of the data, 1 = the default data).
+
 ``--albedo-sigma`` is in texels: the same value at UV 128 is half the physical low-pass of UV 64 (the data of the
 README's rows name both). The evaluation also reports the held-out image-space photometric and shading-gradient
 losses of the coarse surface, the ground truth and the prediction (does the loss prefer the truth?).
@@ -143,8 +148,13 @@ def face_region_uv(renderer: DetailRenderer) -> torch.Tensor:
 
 @torch.no_grad()
 def build_dataset(face_model: FaceModel, fits: dict[str, np.ndarray], uv_size: int, expressions: int, seed: int,
-                  albedo_sigma: float = 4.0) -> dict[str, Any]:
+                  albedo_sigma: float = 4.0, float_photos: bool = False, wrinkle_spacing: float = 1.0) -> dict[str, Any]:
     """Synthetic training/evaluation faces (module docstring). Returns tensors indexed by variant.
+
+    ``float_photos``: keep the synthetic photos and their unwrapped textures in float (default: 8-bit, like real
+    photos and the pipelines' stored ``uv_textures``); a diagnostic of how much of the wrinkle shading the 8-bit
+    quantisation hides. ``wrinkle_spacing``: :meth:`WrinkleStyle.sample`'s ``spacing`` (1: the default data; 0.5
+    about real furrow and crow's-feet spacing).
 
     ``albedo_sigma``: extra low-pass (texels) of the photo's de-lit albedo used to render the synthetic photos;
     0 keeps its fine detail, which the generator then also tries to explain with geometry (albedo/shape
@@ -152,10 +162,11 @@ def build_dataset(face_model: FaceModel, fits: dict[str, np.ndarray], uv_size: i
     """
     renderer = DetailRenderer(face_model, uv_size, 224)
     exp_slice = face_model.layout.slices["exp"]
-    styles = sample_styles(len(fits["face_ids"]), seed)
+    styles = sample_styles(len(fits["face_ids"]), seed, wrinkle_spacing)
     rng = np.random.default_rng(seed)
     rows: dict[str, list] = {k: [] for k in ("face_ids", "identity", "images", "coefficients", "uv_textures", "texture_valid",
-                                            "expression_maps", "gt", "position_map", "normal_map", "zone", "coarse", "style")}
+                                            "expression_maps", "gt", "position_map", "normal_map", "zone", "coarse", "style",
+                                            "albedo")}
     for i, face_id in enumerate(fits["face_ids"]):
         coefficients = torch.from_numpy(fits["coefficients"][i][None]).float()
         photo = torch.from_numpy(fits["aligned"][i]).permute(2, 0, 1)[None].float() / 255.0
@@ -180,14 +191,17 @@ def build_dataset(face_model: FaceModel, fits: dict[str, np.ndarray], uv_size: i
         coarse = renderer.render(scene, scene.normal_map)
         images = scene.render_mask * render + (1 - scene.render_mask) * photo
         inputs = as_generator_tensors(generator_inputs(face_model, variants, images, uv_size))
+        if float_photos:
+            inputs["uv_textures"] = face_uv_maps(face_model, variants, images, uv_size)["uv_textures"].clamp(0.0, 1.0)
         rows["face_ids"] += [f"{face_id}__e{j}" for j in range(expressions)]
         rows["identity"] += [i] * expressions
-        rows["images"].append((images * 255 + 0.5).byte())
+        rows["images"].append(images.clamp(0.0, 1.0) if float_photos else (images * 255 + 0.5).byte())
         rows["coarse"].append((scene.render_mask * coarse + (1 - scene.render_mask) * photo).mul(255).add(0.5).byte())
         rows["coefficients"].append(variants)
         for key in ("uv_textures", "texture_valid", "expression_maps"):
             rows[key].append(inputs[key])
         rows["gt"].append(gt)
+        rows["albedo"].append(scene.albedo_map)  # the true albedo of the synthetic photos (``--oracle-albedo``)
         rows["position_map"].append(scene.position_map)
         rows["normal_map"].append(scene.normal_map)
         rows["zone"].append((pattern.abs().amax(0) > 0.05)[None, None].expand(expressions, -1, -1, -1))
@@ -197,6 +211,11 @@ def build_dataset(face_model: FaceModel, fits: dict[str, np.ndarray], uv_size: i
     data["uv_valid"] = renderer.uv_valid
     data["region"] = face_region_uv(renderer)
     return data
+
+
+def unit_images(images: torch.Tensor) -> torch.Tensor:
+    """Photos in [0, 1] float from the stored uint8 (or, ``--float-photos``, float) ones."""
+    return images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
 
 
 def face_tensors(data: dict[str, Any], index: np.ndarray) -> FaceTensors:
@@ -225,8 +244,12 @@ class ErrorPool:
 
 
 @torch.no_grad()
-def evaluate(trainer: DetailTrainer, data: dict[str, Any], index: np.ndarray) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Held-out metrics (module docstring) and the tensors for the pictures."""
+def evaluate(trainer: DetailTrainer, data: dict[str, Any], index: np.ndarray,
+             oracle_albedo: bool = False) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Held-out metrics (module docstring) and the tensors for the pictures.
+
+    ``oracle_albedo``: the image-space losses use the data's true albedo (what an oracle-albedo run trained with)
+    instead of the trainer's estimate."""
     generator, renderer = trainer.generator.eval(), trainer.renderer
     mm = trainer.face_model.mm_per_unit
     pools = {name: ErrorPool() for name in ("coarse", "detailed", "coarse_zone", "detailed_zone",
@@ -269,7 +292,9 @@ def evaluate(trainer: DetailTrainer, data: dict[str, Any], index: np.ndarray) ->
     metrics = {name: pool.result(mm) for name, pool in pools.items()}
     # is the ground truth what the training loss prefers? the image-space photometric loss (trainer's albedo)
     scene = renderer.prepare(data["coefficients"][idx], data["uv_textures"][idx], data["texture_valid"][idx])
-    photos = data["images"][idx].float() / 255
+    if oracle_albedo:
+        scene.albedo_map = data["albedo"][idx]
+    photos = unit_images(data["images"][idx])
     renders = {name: renderer.render(scene, renderer.detailed_maps(scene, d)[1])
                for name, d in (("coarse", torch.zeros_like(gt)), ("ground_truth", gt), ("detailed", predicted))}
     metrics["photometric"] = {name: float(masked_photometric_loss(r, photos, scene.render_mask)) for name, r in renders.items()}
@@ -296,7 +321,7 @@ def save_pictures(pictures: dict[str, torch.Tensor], path: Path, rows: int = 6) 
     def colour(d: torch.Tensor) -> torch.Tensor:
         c = colorize_displacement(torch.cat([(d / scale).clamp(-1, 1), torch.ones_like(d[:, :, :1])], 2))  # pin the scale
         return torch.nn.functional.interpolate(c[:, :, : d.shape[2]], size=(224, 224), mode="nearest")
-    tiles = [pictures["images"][order].float() / 255, pictures["coarse"][order].float() / 255,
+    tiles = [unit_images(pictures["images"][order]), pictures["coarse"][order].float() / 255,
              colour(pictures["gt"][order]), colour(pictures["predicted"][order]), colour(pictures["retarget"][order])]
     grid = torch.cat([torch.cat([t[i] for t in tiles], 2) for i in range(len(order))], 1)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -304,6 +329,63 @@ def save_pictures(pictures: dict[str, torch.Tensor], path: Path, rows: int = 6) 
     Image.fromarray((grid.permute(1, 2, 0).clamp(0, 1).numpy() * 255 + 0.5).astype(np.uint8)).save(tmp)
     os.replace(tmp, path)
     return path
+
+
+def use_oracle_albedo(trainer: DetailTrainer, data: dict[str, Any]) -> None:
+    """Diagnostic: the trainer's per-face scenes get the data's true albedo instead of the one it de-lights from the
+    unwrapped photo (the trainer's scene cache must be on: at most ``scene_cache_faces`` training variants)."""
+    albedo = {face_id: data["albedo"][i : i + 1] for i, face_id in enumerate(data["face_ids"])}
+    cached = trainer.cached_scene
+
+    def oracle_scene(batch: FaceTensors):
+        scene = cached(batch)
+        if scene is None:
+            raise RuntimeError("--oracle-albedo needs the trainer's scene cache (train.scene_cache_faces >= training variants)")
+        scene.albedo_map = torch.cat([albedo[f] for f in batch.face_ids]).to(scene.albedo_map)
+        return scene
+
+    trainer.cached_scene = oracle_scene  # type: ignore[method-assign]
+
+
+def free_displacement_bound(trainer: DetailTrainer, data: dict[str, Any], index: np.ndarray, steps: int, count: int = 16,
+                            lr: float = 0.002, oracle_albedo: bool = False) -> dict[str, Any]:
+    """Diagnostic (``--free-displacement STEPS``): no generator; one FREE displacement map per variant, optimised
+    (Adam) with the trainer's photometric terms (weights ``photometric`` and ``gradient_photometric``) on the
+    ``count`` most wrinkled of ``index``. Does the loss itself identify the wrinkles (fit = evaluation set, so an
+    upper bound of what a generator can learn from it)? Returns the coarse and optimised normal errors / RMSE."""
+    renderer, mm = trainer.renderer, trainer.face_model.mm_per_unit
+    depth = data["gt"][torch.as_tensor(index)].abs().flatten(1).amax(1)
+    idx = torch.as_tensor(index)[torch.argsort(depth, descending=True)[:count]]
+    scene = renderer.prepare(data["coefficients"][idx], data["uv_textures"][idx], data["texture_valid"][idx])
+    if oracle_albedo:
+        scene.albedo_map = data["albedo"][idx]
+    photos, gt, mask = unit_images(data["images"][idx]), data["gt"][idx], scene.render_mask
+    w_photo, w_grad = (float(trainer.weights.get(k, 0.0)) for k in ("photometric", "gradient_photometric"))
+    displacement = torch.zeros_like(gt, requires_grad=True)
+    optimizer = torch.optim.Adam([displacement], lr=lr)
+    history = []
+    for step in range(steps):
+        render = renderer.render(scene, renderer.detailed_maps(scene, displacement * scene.uv_valid)[1])
+        loss = w_photo * masked_photometric_loss(render, photos, mask) + w_grad * masked_gradient_photometric_loss(render, photos, mask)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        history.append(float(loss))
+    pools = {name: ErrorPool() for name in ("coarse", "free", "coarse_zone", "free_zone")}
+    with torch.no_grad():
+        _, gt_normals = renderer.detailed_maps(scene, gt)
+        free = displacement.detach() * scene.uv_valid
+        _, free_normals = renderer.detailed_maps(scene, free)
+        zone = data["zone"][idx] & data["region"]
+        for name, d, n, where in (("coarse", torch.zeros_like(gt), scene.normal_map, data["region"]), ("free", free, free_normals, data["region"]),
+                                  ("coarse_zone", torch.zeros_like(gt), scene.normal_map, zone), ("free_zone", free, free_normals, zone)):
+            pools[name].add(d, gt, n, gt_normals, where)
+        gt_render = renderer.render(scene, gt_normals)
+        gt_loss = w_photo * masked_photometric_loss(gt_render, photos, mask) + w_grad * masked_gradient_photometric_loss(gt_render, photos, mask)
+    out: dict[str, Any] = {name: pool.result(mm) for name, pool in pools.items()}
+    out.update(variants=len(idx), steps=steps, lr=lr, loss_first=history[0], loss_last=history[-1], loss_ground_truth=float(gt_loss),
+               normal_error_ratio=out["free"]["normal_error_deg"] / max(out["coarse"]["normal_error_deg"], 1e-9))
+    return out
 
 
 def apply_overrides(config: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -346,6 +428,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--heldout", type=float, default=0.25, help="fraction of the photos held out")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--albedo-sigma", type=float, default=4.0, help="extra albedo low-pass of the synthetic photos (texels)")
+    parser.add_argument("--float-photos", action="store_true",
+                        help="diagnostic: float synthetic photos and textures (no 8-bit quantisation of the wrinkle shading)")
+    parser.add_argument("--wrinkle-spacing", type=float, default=1.0,
+                        help="factor on the ground truth's furrow / crow's-feet spacing (0.5: about real faces; data change)")
+    parser.add_argument("--free-displacement", type=int, default=0, metavar="STEPS",
+                        help="diagnostic: no training; optimise free displacement maps of the 16 most wrinkled held-out "
+                             "variants for STEPS steps with the variant's photometric terms (does the loss identify the truth?)")
+    parser.add_argument("--oracle-albedo", action="store_true",
+                        help="diagnostic: the trainer shades with the data's TRUE albedo instead of its estimate from the photo")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="train-config override after the variant's, e.g. loss_weights.gradient_photometric=2 (repeatable)")
     parser.add_argument("--tag", default="", help="suffix of the output file names (default: the variant)")
@@ -361,7 +452,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     params = project_params()
     face_model = load_face_model_from_params(params["face_model"], "cpu")
     fits = load_fits(params, work, args.faces)
-    data = build_dataset(face_model, fits, args.uv_size, args.expressions, args.seed, args.albedo_sigma)
+    data = build_dataset(face_model, fits, args.uv_size, args.expressions, args.seed, args.albedo_sigma, args.float_photos, args.wrinkle_spacing)
     n_people = len(fits["face_ids"])
     people = np.random.default_rng(args.seed).permutation(n_people)
     heldout_people = set(people[: max(1, int(round(args.heldout * n_people)))].tolist())
@@ -381,17 +472,33 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             cache = REPO_ROOT.parent / "main" / params["weights"]["facenet_cache"]
         embedder, _ = load_face_embedder(params["weights"].get("facenet") or None, cache, "cpu")
     trainer = DetailTrainer(face_model, embedder, config, args.uv_size, torch.device("cpu"))
+    if args.free_displacement > 0:
+        bound = free_displacement_bound(trainer, data, test_index, args.free_displacement, oracle_albedo=args.oracle_albedo)
+        name = f"detail_recovery_free_{args.variant}{'_' + args.tag if args.tag else ''}"
+        summary = {"variant": args.variant, "overrides": args.overrides, "uv_size": args.uv_size, "albedo_sigma": args.albedo_sigma,
+                   "oracle_albedo": args.oracle_albedo, "float_photos": args.float_photos, "wrinkle_spacing": args.wrinkle_spacing,
+                   "free_displacement": bound, "seconds": round(time.perf_counter() - tic, 1)}
+        atomic_write_bytes(Path(args.out) / f"{name}.json", json.dumps(summary, indent=1).encode())
+        print(f"free displacement ({bound['variants']} held-out variants, {bound['steps']} steps): normal error "
+              f"{bound['coarse']['normal_error_deg']:.2f} -> {bound['free']['normal_error_deg']:.2f} ({bound['normal_error_ratio']:.2f}x) "
+              f"[zones {bound['coarse_zone']['normal_error_deg']:.2f} -> {bound['free_zone']['normal_error_deg']:.2f}], RMSE "
+              f"{bound['coarse']['displacement_rmse_mm']:.3f} -> {bound['free']['displacement_rmse_mm']:.3f} mm; loss "
+              f"{bound['loss_first']:.5f} -> {bound['loss_last']:.5f} (ground truth {bound['loss_ground_truth']:.5f})")
+        print(json.dumps(summary), flush=True)
+        return summary
+    if args.oracle_albedo:
+        use_oracle_albedo(trainer, data)
     result = trainer.fit(face_tensors(data, train_index))
     trained = time.perf_counter() - tic - prepared
-    metrics, pictures = evaluate(trainer, data, test_index)
-    train_metrics, _ = evaluate(trainer, data, train_index)
+    metrics, pictures = evaluate(trainer, data, test_index, args.oracle_albedo)
+    train_metrics, _ = evaluate(trainer, data, train_index, args.oracle_albedo)
     out = Path(args.out)
     name = f"detail_recovery_{args.variant}{'_' + args.tag if args.tag else ''}"
     picture = save_pictures(pictures, out / f"{name}.png")
     last = result.history[-1] if result.history else {}
     summary = {
         "variant": args.variant, "overrides": args.overrides, "steps": args.steps, "uv_size": args.uv_size, "photos": n_people,
-        "expressions": args.expressions, "albedo_sigma": args.albedo_sigma, "train_variants": len(train_index), "heldout_variants": len(test_index),
+        "expressions": args.expressions, "albedo_sigma": args.albedo_sigma, "oracle_albedo": args.oracle_albedo, "float_photos": args.float_photos, "wrinkle_spacing": args.wrinkle_spacing, "train_variants": len(train_index), "heldout_variants": len(test_index),
         "loss_weights": config["loss_weights"], "detail_regularization": config["detail_regularization"],
         "heldout": metrics, "train": {k: train_metrics[k] for k in ("coarse", "detailed", "normal_error_ratio")},
         "final_losses": {k: v for k, v in last.items() if k.startswith("loss_")},

@@ -50,6 +50,7 @@ def _bad(base, **changes):
     ({"train__model__nmu_downs": 3}, "train.model.nmu_downs: unknown key (did you mean 'num_downs'?)"),
     ({"estimation__landmarks__backend": "openpose"}, "estimation.landmarks.backend: must be 'mediapipe', 'dlib', 'face_alignment' or 'auto'"),
     ({"inference__backend": "opengl"}, "inference.backend: must be 'auto', 'fast' or 'pytorch3d'"),
+    ({"train__albedo_shading": "fine"}, "train.albedo_shading: must be 'coarse' or 'detailed'"),
     ({"device": "gpu"}, "device: must be 'auto', 'cpu', 'cuda' or 'cuda:N' (got 'gpu')"),
     ({"train__batch_size": "four"}, "train.batch_size: must be a valid integer"),
     ({"data_prep__detection__stage_thresholds": [0.6, 2, 0.7]}, "data_prep.detection.stage_thresholds[1]: must be <= 1"),

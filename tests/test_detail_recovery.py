@@ -128,3 +128,55 @@ def test_benchmark_overrides_set_nested_train_keys():
     assert params["train"]["model"]["regions"] == 4  # the project's parameters are not modified
     with pytest.raises(ValueError, match="key.path=value"):
         bench.apply_overrides({}, ["loss_weights.photometric"])
+
+
+def test_wrinkle_spacing_option_scales_furrow_and_crows_feet_spacing_only(face_model):
+    """``spacing`` multiplies the furrow period and divides the crow's-feet frequency (same random draws, 1 = the
+    default data); on the ICT mean face the default furrows are 17-25 mm apart (forehead ~380 mm per UV unit along v)."""
+    default, half = sample_styles(6, seed=0), sample_styles(6, seed=0, spacing=0.5)
+    assert sample_styles(6, seed=0, spacing=1.0) == default
+    for a, b in zip(default, half):
+        assert b.forehead_period == pytest.approx(0.5 * a.forehead_period)
+        assert b.crows_frequency == pytest.approx(2 * a.crows_frequency)
+        assert b.forehead_phase == a.forehead_phase and b.crows_depth == a.crows_depth and b.nasolabial_width == a.nasolabial_width
+    with pytest.raises(ValueError, match="spacing"):
+        sample_styles(1, seed=0, spacing=0.0)
+    # furrow spacing in mm: 3D length of one period along v at the forehead centre of the mean face
+    from facedetail.geometry.wrinkles import landmark_uv
+
+    size = 256
+    renderer = DetailRenderer(face_model, size, 224)
+    points = renderer.bake(face_model.mean_shape.reshape(1, -1, 3))[0] * face_model.mm_per_unit
+    lmk = landmark_uv(face_model)
+    u, v = float(lmk[[17, 26], 0].mean()), float(lmk[17:27, 1].max()) + 0.065
+    row, col = int((1 - v) * size), int(u * size)
+    mm_per_uv_v = float((points[:, row - 2, col] - points[:, row + 2, col]).norm()) / (4 / size)
+    assert 340 < mm_per_uv_v < 420
+    spacing_mm = [s.forehead_period * mm_per_uv_v for s in sample_styles(56, seed=0)]
+    assert 16 < min(spacing_mm) and max(spacing_mm) < 26
+
+
+def test_oracle_albedo_replaces_the_trainers_estimate_per_face(face_model, tmp_path):
+    """``--oracle-albedo``: the trainer's cached per-face scenes shade the data's true albedo, matched by face id."""
+    import importlib.util
+
+    from facedetail.training.loop import DetailTrainer
+    from tests.conftest import REPO_ROOT
+    from tests.test_training import UV, synthetic_faces, tiny_config
+
+    spec = importlib.util.spec_from_file_location("detail_recovery", REPO_ROOT / "benchmarks" / "detail_recovery.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    faces = synthetic_faces(face_model, n=3)
+    trainer = DetailTrainer(face_model, None, tiny_config(tmp_path), UV, torch.device("cpu"))
+    albedo = torch.rand(3, 3, UV, UV)
+    bench.use_oracle_albedo(trainer, {"face_ids": faces.face_ids, "albedo": albedo})
+    trainer._scene_cache = {}  # what fit() sets for small training sets
+    batch = faces.subset([2, 0])
+    scene = trainer.cached_scene(batch)
+    torch.testing.assert_close(scene.albedo_map, albedo[[2, 0]])
+    estimated = trainer.renderer.prepare(batch.coefficients, batch.uv_textures, batch.texture_valid)
+    torch.testing.assert_close(scene.normal_map, estimated.normal_map)  # only the albedo changes
+    trainer._scene_cache = None
+    with pytest.raises(RuntimeError, match="scene cache"):
+        trainer.cached_scene(batch)

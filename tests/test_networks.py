@@ -216,3 +216,50 @@ def test_detail_generator_rejects_bad_inputs() -> None:
         model(texture, valid, expression[:, :, :16])
     with pytest.raises(ValueError, match="max_displacement"):
         DetailGenerator(max_displacement=0.0)
+
+
+def test_texture_detail_input_is_optional_and_is_the_scaled_high_pass() -> None:
+    """``texture_detail_gain`` > 0 feeds the U-Net ``gain x (t - masked_blur(t))`` (t = the [-1, 1] texture) as 3
+    more channels; 0 (default) keeps the paper's 4-channel input and a config without the new keys."""
+    from facedetail.geometry.detail import masked_blur
+
+    torch.manual_seed(3)
+    plain = DetailGenerator.from_config(SMALL_MODEL)
+    assert plain.embedding_net.in_channels == 4 and "texture_detail_gain" not in plain.config
+    model = DetailGenerator.from_config({**SMALL_MODEL, "texture_detail_gain": 10.0, "texture_detail_sigma": 1.5})
+    assert model.embedding_net.in_channels == 7 and model.config["texture_detail_gain"] == 10.0
+    assert DetailGenerator.from_config(model.config).embedding_net.in_channels == 7  # checkpoints rebuild it
+    texture, valid, expression = _small_inputs()
+    seen = []
+    model.embedding_net.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    model.embed(texture, valid)
+    t = (texture * 2 - 1) * valid
+    torch.testing.assert_close(seen[0][:, 3:6], 10.0 * (t - masked_blur(t, valid, 1.5)) * valid)
+    torch.testing.assert_close(seen[0][:, :3], t)
+    model.embed(torch.full_like(texture, 0.4), torch.ones_like(valid))  # a flat texture has no detail
+    assert seen[1][:, 3:6].abs().max() < 1e-5 and seen[1][:, :3].abs().min() > 0.1
+    with pytest.raises(ValueError, match="texture_detail_gain"):
+        DetailGenerator.from_config({**SMALL_MODEL, "texture_detail_gain": -1.0})
+
+
+def test_pattern_head_is_optional_and_adds_pattern_times_drive_before_the_tanh() -> None:
+    """``pattern_head``: displacement = tanh(DRConv + pattern(embedding) x drive(expression)) x max; off (default)
+    the generator has no extra parameters; on, the pattern conv gets a per-texel gradient from the displacement."""
+    torch.manual_seed(4)
+    plain = DetailGenerator.from_config(SMALL_MODEL)
+    assert plain.pattern is None and "pattern_head" not in plain.config
+    model = DetailGenerator.from_config({**SMALL_MODEL, "pattern_head": True}).eval()
+    assert n_parameters(model) == n_parameters(plain) + 6 + 1 + 3  # 1x1 convs: E=6 -> 1 (+ bias), 3 -> 1
+    assert DetailGenerator.from_config(model.config).pattern is not None
+    texture, valid, expression = _small_inputs()
+    embedding = model.embed(texture, valid)
+    raw, _ = model.drconv.forward_with_masks(expression, embedding)
+    by_hand = raw + (torch.einsum("c,bchw->bhw", model.pattern.weight[0, :, 0, 0], embedding) + model.pattern.bias[0])[:, None] \
+        * torch.einsum("c,bchw->bhw", model.drive.weight[0, :, 0, 0], expression)[:, None]
+    torch.testing.assert_close(model.displacement_from(embedding, expression), torch.tanh(by_hand) * 0.3)
+    # a zero expression map: the pattern term vanishes (it scales with the expression)
+    zero = torch.zeros_like(expression)
+    torch.testing.assert_close(model.displacement_from(embedding, zero),
+                               torch.tanh(model.drconv(zero, embedding)) * 0.3)
+    model.displacement_from(embedding.detach(), expression)[:, :, 5, 7].sum().backward()
+    assert float(model.pattern.weight.grad.abs().sum()) > 0 and float(model.drive.weight.grad.abs().sum()) > 0

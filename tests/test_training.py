@@ -322,3 +322,40 @@ def test_uv_photometric_term_is_optional_and_trains_the_generator(face_model, tm
     terms["total"].backward()
     grads = [p.grad for p in trainer.generator.drconv.parameters() if p.grad is not None]
     assert grads and max(float(g.abs().max()) for g in grads) > 0
+
+
+def test_albedo_from_the_detailed_shading_is_optional_and_divides_it_out(face_model, tmp_path):
+    """``albedo_shading: detailed`` de-lights the unwrapped photo with the CURRENT detailed shading (off by default):
+    a texture that is a constant albedo 0.5 times the shading of a known displacement gives back exactly 0.5 with
+    that displacement's normals (the coarse de-lighting keeps its shading), and no gradient flows through it."""
+    from facedetail.geometry.detail import delit_albedo
+    from facedetail.render.shading import irradiance_map
+
+    data = synthetic_faces(face_model)
+    off = DetailTrainer(face_model, None, tiny_config(tmp_path), UV, torch.device("cpu"))
+    scene = off.renderer.prepare(data.coefficients, data.uv_textures, data.texture_valid)
+    assert off.albedo_shading == "coarse"
+    _, extras = off.losses(data, step=0, scene=scene)
+    assert extras["scene"].albedo_map is scene.albedo_map  # default: today's albedo, untouched
+    trainer = DetailTrainer(face_model, None, tiny_config(tmp_path, albedo_shading="detailed"), UV, torch.device("cpu"))
+    yy, xx = torch.meshgrid(torch.arange(UV), torch.arange(UV), indexing="ij")
+    bumps = (0.2 * torch.sin(xx / 2.0) * torch.cos(yy / 3.0))[None, None].expand(2, 1, UV, UV)
+    _, normals = trainer.renderer.detailed_maps(scene, bumps)
+    texture = 0.5 * irradiance_map(normals, scene.gamma).clamp_min(1e-3)  # (de-lighting divides by shading >= 1e-3)
+    batch = FaceTensors(data.face_ids, data.images, data.masks, data.coefficients, texture, data.texture_valid, data.expression_maps)
+    valid = (data.texture_valid * scene.uv_valid).expand(-1, 3, -1, -1) > 0
+    detailed = trainer.albedo_for(batch, scene, normals.requires_grad_(True))
+    torch.testing.assert_close(detailed[valid], torch.full_like(detailed[valid], 0.5))
+    assert not detailed.requires_grad
+    coarse = delit_albedo(texture, data.texture_valid * scene.uv_valid, irradiance_map(scene.normal_map, scene.gamma), 1.0)
+    assert float((coarse - 0.5)[valid].abs().max()) > 0.02  # the coarse de-lighting leaves the bumps' shading in it
+    # in the loss: the renders shade the re-estimated albedo, the generator still gets gradients
+    terms, extras = trainer.losses(data, step=0, scene=scene)
+    expected = trainer.albedo_for(data, scene, extras["detailed_normals"])
+    torch.testing.assert_close(extras["scene"].albedo_map, expected)
+    assert not torch.equal(expected, scene.albedo_map)
+    terms["total"].backward()
+    grads = [p.grad for p in trainer.generator.drconv.parameters() if p.grad is not None]
+    assert grads and max(float(g.abs().max()) for g in grads) > 0
+    with pytest.raises(TrainingError, match="albedo_shading"):
+        DetailTrainer(face_model, None, tiny_config(tmp_path, albedo_shading="fine"), UV, torch.device("cpu"))

@@ -202,6 +202,9 @@ class GeneratorParams(Section):
     texture_channels: PositiveInt = 3
     mask_channels: PositiveInt = 1
     expression_channels: PositiveInt = 3
+    texture_detail_gain: NonNegativeFloat = 0.0  # > 0: the texture's high-pass x gain as extra U-Net inputs
+    texture_detail_sigma: PositiveFloat = 2.0  # texels; the blur of that high-pass
+    pattern_head: bool = False  # + pattern(embedding) x drive(expression map) before the tanh (DetailGenerator)
 
 
 class DiscriminatorParams(Section):
@@ -260,6 +263,7 @@ class TrainParams(Section):
     steps: PositiveInt
     batch_size: PositiveInt
     albedo_blur_sigma: NonNegativeFloat = 2.0
+    albedo_shading: Literal["coarse", "detailed"] = "coarse"  # de-light with the coarse or the current detailed shading
     detail_lowpass_sigma: PositiveFloat = 3.0  # texels; blur of the loss_weights.detail_lowpass term
     loss_weights: LossWeightsParams
     detail_regularization: ScheduleParams

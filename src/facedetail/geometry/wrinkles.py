@@ -61,16 +61,24 @@ class WrinkleStyle:
     nasolabial_width: float = 0.016    # groove width
 
     @staticmethod
-    def sample(rng: np.random.Generator) -> "WrinkleStyle":
-        """A random plausible face (depths 0.3-1 mm in ICT cm, placement varying by a few texels at UV 64)."""
+    def sample(rng: np.random.Generator, spacing: float = 1.0) -> "WrinkleStyle":
+        """A random plausible face (depths 0.3-1 mm in ICT cm, placement varying by a few texels at UV 64).
+
+        ``spacing`` scales the forehead furrow period and the crow's-feet line spacing (same random draws). On the
+        ICT layout (about 250 x 380 mm per UV unit along u x v at the forehead, 330 x 250 at the eye corners) 1
+        gives furrows 17-25 mm and crow's feet ~8-15 mm apart (coarser than real faces); 0.5 about real spacing
+        (furrows ~9-12 mm, crow's feet ~4-8 mm), near the sampling limit of UV 128 (2-3 mm texels).
+        """
+        if not spacing > 0:
+            raise ValueError(f"spacing must be > 0, got {spacing}")
         return WrinkleStyle(
             forehead_depth=float(rng.uniform(0.03, 0.1)),
-            forehead_period=float(rng.uniform(0.045, 0.065)),
+            forehead_period=float(rng.uniform(0.045, 0.065)) * spacing,
             forehead_phase=float(rng.uniform(0, 2 * math.pi)),
             forehead_arch=float(rng.uniform(0.2, 1.0)),
             forehead_shift=float(rng.uniform(-0.01, 0.01)),
             crows_depth=float(rng.uniform(0.03, 0.08)),
-            crows_frequency=float(rng.uniform(5.5, 8.5)),
+            crows_frequency=float(rng.uniform(5.5, 8.5)) / spacing,
             crows_phase=float(rng.uniform(0, 2 * math.pi)),
             crows_radius=float(rng.uniform(0.035, 0.055)),
             nasolabial_depth=float(rng.uniform(0.04, 0.1)),
@@ -83,9 +91,10 @@ class WrinkleStyle:
         return np.array([getattr(self, f.name) for f in fields(self)], np.float64)
 
 
-def sample_styles(count: int, seed: int) -> list[WrinkleStyle]:
-    """``count`` seeded random styles (face ``i`` always gets the same style for one seed)."""
-    return [WrinkleStyle.sample(np.random.default_rng([seed, i])) for i in range(count)]
+def sample_styles(count: int, seed: int, spacing: float = 1.0) -> list[WrinkleStyle]:
+    """``count`` seeded random styles (face ``i`` always gets the same style for one seed; ``spacing``: see
+    :meth:`WrinkleStyle.sample`)."""
+    return [WrinkleStyle.sample(np.random.default_rng([seed, i]), spacing) for i in range(count)]
 
 
 def wrinkle_drivers(face_model: FaceModel, expression: torch.Tensor) -> torch.Tensor:

@@ -26,6 +26,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from facedetail.geometry.detail import masked_blur
 from facedetail.models.drconv import DRConv2d
 from facedetail.models.generator import UNetGenerator
 
@@ -49,6 +50,16 @@ class DetailGenerator(nn.Module):
         soft_regions: DRConv region masks: ``False`` (paper) one-hot with a straight-through gradient,
             ``True`` the softmax of the region logits (the displacement varies continuously with the embedding).
         texture_channels, mask_channels, expression_channels: input channel counts (3, 1, 3).
+        texture_detail_gain: > 0 adds the texture's high-pass ``gain x (texture - masked Gaussian blur)`` (in the
+            [-1, 1] input scale) as ``texture_channels`` more U-Net inputs: the fine shading of the person's wrinkles
+            (often 1-3 grey levels) at a scale the embedding can use; 0 (default) keeps the paper's input.
+        texture_detail_sigma: that blur, in texels.
+        pattern_head: adds ``pattern(embedding) x drive(expression_map)`` (two 1x1 convolutions) to DRConv's
+            output before the ``tanh``: a per-texel pattern from the embedding scaled by the local expression.
+            DRConv alone shapes a wrinkle through its region masks, whose gradient is zero once the regressed
+            filters shrink to zero, and its filters' gradient averages out over zero-mean oscillating wrinkles
+            (furrows, crow's feet) whose phase the masks do not yet follow: it collapses to zero displacement
+            there. The pattern term gets a per-texel gradient. ``False`` (default): the paper's generator.
     """
 
     def __init__(
@@ -69,6 +80,9 @@ class DetailGenerator(nn.Module):
         texture_channels: int = 3,
         mask_channels: int = 1,
         expression_channels: int = 3,
+        texture_detail_gain: float = 0.0,
+        texture_detail_sigma: float = 2.0,
+        pattern_head: bool = False,
     ) -> None:
         super().__init__()
         if not max_displacement > 0:
@@ -91,12 +105,21 @@ class DetailGenerator(nn.Module):
             "mask_channels": int(mask_channels),
             "expression_channels": int(expression_channels),
         }
+        if texture_detail_gain < 0 or not texture_detail_sigma > 0:
+            raise ValueError(f"DetailGenerator: texture_detail_gain must be >= 0 and texture_detail_sigma > 0, "
+                             f"got {texture_detail_gain}, {texture_detail_sigma}")
+        if texture_detail_gain > 0:  # only then in the config: older checkpoints' configs stay as they were
+            self.config.update(texture_detail_gain=float(texture_detail_gain), texture_detail_sigma=float(texture_detail_sigma))
+        if pattern_head:
+            self.config["pattern_head"] = True
+        self.texture_detail_gain = float(texture_detail_gain)
+        self.texture_detail_sigma = float(texture_detail_sigma)
         self.max_displacement = float(max_displacement)
         self.texture_channels = int(texture_channels)
         self.mask_channels = int(mask_channels)
         self.expression_channels = int(expression_channels)
         self.embedding_net = UNetGenerator(
-            in_channels=texture_channels + mask_channels,
+            in_channels=texture_channels * (2 if texture_detail_gain > 0 else 1) + mask_channels,
             out_channels=embedding_channels,
             num_downs=num_downs,
             ngf=ngf,
@@ -115,6 +138,8 @@ class DetailGenerator(nn.Module):
             filter_hidden=filter_hidden,
             soft_regions=soft_regions,
         )
+        self.pattern = nn.Conv2d(embedding_channels, 1, 1) if pattern_head else None
+        self.drive = nn.Conv2d(expression_channels, 1, 1, bias=False) if pattern_head else None
 
     @classmethod
     def config_keys(cls) -> tuple[str, ...]:
@@ -143,8 +168,11 @@ class DetailGenerator(nn.Module):
                 f"texture_valid {tuple(texture_valid.shape)} must match uv_texture {tuple(uv_texture.shape)} in batch and size"
             )
         valid = texture_valid.to(uv_texture.dtype)
-        network_input = torch.cat([(uv_texture * 2.0 - 1.0) * valid, valid], dim=1)
-        return self.embedding_net(network_input)
+        texture = (uv_texture * 2.0 - 1.0) * valid
+        parts = [texture, valid]
+        if self.texture_detail_gain > 0:
+            parts.insert(1, self.texture_detail_gain * (texture - masked_blur(texture, valid, self.texture_detail_sigma)) * valid)
+        return self.embedding_net(torch.cat(parts, dim=1))
 
     def detail_from(self, embedding: torch.Tensor, expression_map: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(displacement (B, 1, S, S), region_masks (B, R, S, S))`` for an embedding and an expression map."""
@@ -152,7 +180,10 @@ class DetailGenerator(nn.Module):
             raise ValueError(
                 f"expression_map must be (B, {self.expression_channels}, S, S) in face-model units, got {tuple(expression_map.shape)}"
             )
-        raw, masks = self.drconv.forward_with_masks(expression_map.to(embedding.dtype), embedding)
+        expression_map = expression_map.to(embedding.dtype)
+        raw, masks = self.drconv.forward_with_masks(expression_map, embedding)
+        if self.pattern is not None:
+            raw = raw + self.pattern(embedding) * self.drive(expression_map)
         return torch.tanh(raw) * self.max_displacement, masks
 
     def displacement_from(self, embedding: torch.Tensor, expression_map: torch.Tensor) -> torch.Tensor:

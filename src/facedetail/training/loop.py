@@ -18,6 +18,13 @@ coarse mesh's lighting and de-lit albedo; the losses are
 * optional (``loss_weights.detail_lowpass`` > 0, default off): the mean absolute low-pass (``detail_lowpass_sigma``
   texels) of the displacement, so smooth bulges cost their height and zero-mean wrinkles little.
 
+Albedo (``albedo_shading``): ``coarse`` (default) de-lights the unwrapped photo once with the coarse SH shading;
+``detailed`` re-estimates it every step with the CURRENT detailed shading (no gradient through it), so a smooth
+displacement's shading is divided back out of the albedo and cannot lower the photometric terms (no smooth
+blotches that explain the albedo-estimation residual), while shading finer than ``albedo_blur_sigma`` is left
+for the displacement; at the ground truth the estimate is the low-passed true albedo
+(:meth:`DetailTrainer.albedo_for`).
+
 The module knows nothing of Kedro or MLflow: logging goes through the ``log_metrics`` and
 ``log_images`` callbacks.
 """
@@ -36,7 +43,7 @@ from tqdm.auto import tqdm
 
 from facedetail.data.faces import FaceTensors, validation_split  # noqa: F401 - re-exported (tests, evaluation)
 from facedetail.data.streaming import InMemoryBatches
-from facedetail.geometry.detail import displacement_regularization_points
+from facedetail.geometry.detail import delit_albedo, displacement_regularization_points
 from facedetail.geometry.face_model import FaceModel
 from facedetail.losses.adversarial import lsgan_d_loss, lsgan_g_loss
 from facedetail.losses.perceptual import perceptual_cosine_loss
@@ -183,6 +190,9 @@ class DetailTrainer:
         region = self.renderer.bake(self.renderer.face_region[None].expand(1, -1, -1))
         #: (1, 1, S, S) texels of the model's face region (the optional ``uv_photometric`` term's support)
         self.uv_face_region = ((region > 0.5) & self.renderer.uv_valid.bool()).to(self.renderer.uv_valid.dtype)
+        self.albedo_shading = str(config.get("albedo_shading", "coarse"))
+        if self.albedo_shading not in ("coarse", "detailed"):
+            raise TrainingError(f"train.albedo_shading must be 'coarse' or 'detailed', got {self.albedo_shading!r}")
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self, step: int) -> dict[str, Any]:
@@ -266,6 +276,16 @@ class DetailTrainer:
         return int(state["step"])
 
     # ------------------------------------------------------------------ one step
+    @torch.no_grad()
+    def albedo_for(self, batch: FaceTensors, scene: FaceBatchScene, detailed_normals: torch.Tensor) -> torch.Tensor:
+        """The albedo the renders shade (B, 3, S, S): the scene's (coarse de-lighting) or, with
+        ``albedo_shading: detailed``, ``blur(unwrapped photo / SH(detailed normals))`` (``albedo_blur_sigma`` texels;
+        a constant of the step: no gradient flows through it)."""
+        if self.albedo_shading == "coarse":
+            return scene.albedo_map
+        shading = irradiance_map(detailed_normals.detach(), scene.gamma)
+        return delit_albedo(batch.uv_textures, batch.texture_valid * scene.uv_valid, shading, self.renderer.albedo_blur_sigma)
+
     def cached_scene(self, batch: FaceTensors) -> FaceBatchScene | None:
         """The batch's fixed coarse geometry from the per-face scene cache (``None`` when the cache is off).
 
@@ -304,6 +324,9 @@ class DetailTrainer:
             out = generator(batch.uv_textures, batch.texture_valid, batch.expression_maps)
         displacement = out["displacement"].float()
         detailed_positions, detailed_normals = self.renderer.detailed_maps(scene, displacement)
+        if self.albedo_shading != "coarse":
+            scene = FaceBatchScene(scene.position_map, scene.normal_map, self.albedo_for(batch, scene, detailed_normals),
+                                   scene.uv_valid, scene.gamma, scene.pixel_uv, scene.render_mask)
         with torch.no_grad():
             coarse = self.renderer.render(scene, scene.normal_map)
         detailed = self.renderer.render(scene, detailed_normals)
