@@ -105,9 +105,22 @@ def project_params() -> dict[str, Any]:
     return params
 
 
+#: The coarse stage that made the benchmark's data (session 16's landmark settings): the data stays the same when
+#: the pipeline's coarse defaults move on (session 17: uniform landmark weights, mirror average, MediaPipe box).
+DATA_ESTIMATION = {"fitting.landmark_weights": "deng", "fitting.w_landmark": 0.02,
+                   "landmarks.mirror_average": False, "landmarks.dlib_box": "hog"}
+
+
 def load_fits(params: dict[str, Any], work_dir: Path, max_faces: int) -> dict[str, np.ndarray]:
-    """Coarse fits of the shared photos (cached in ``work_dir/fits.npz``; the estimation cache beside it)."""
-    cache = work_dir / "fits.npz"
+    """Coarse fits of the shared photos with :data:`DATA_ESTIMATION` (cached in ``work_dir/fits_<settings>.npz``,
+    keyed by the estimation and face-model settings; the estimation cache beside it)."""
+    from facedetail.config import set_dotted
+    from facedetail.utils import settings_hash
+
+    params = copy.deepcopy(params)
+    for dotted, value in DATA_ESTIMATION.items():
+        set_dotted(params["estimation"], dotted, value)
+    cache = work_dir / f"fits_{settings_hash({'estimation': params['estimation'], 'face_model': params['face_model']})[:12]}.npz"
     if not cache.is_file():
         from facedetail.engine.fitter import FaceFitter
 
