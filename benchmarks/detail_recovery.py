@@ -374,12 +374,15 @@ def free_displacement_bound(trainer: DetailTrainer, data: dict[str, Any], index:
         scene.albedo_map = data["albedo"][idx]
     photos, gt, mask = unit_images(data["images"][idx]), data["gt"][idx], scene.render_mask
     w_photo, w_grad = (float(trainer.weights.get(k, 0.0)) for k in ("photometric", "gradient_photometric"))
+
+    def loss_of(render: torch.Tensor) -> torch.Tensor:
+        return w_photo * masked_photometric_loss(render, photos, mask) + w_grad * masked_gradient_photometric_loss(render, photos, mask)
+
     displacement = torch.zeros_like(gt, requires_grad=True)
     optimizer = torch.optim.Adam([displacement], lr=lr)
     history = []
     for step in range(steps):
-        render = renderer.render(scene, renderer.detailed_maps(scene, displacement * scene.uv_valid)[1])
-        loss = w_photo * masked_photometric_loss(render, photos, mask) + w_grad * masked_gradient_photometric_loss(render, photos, mask)
+        loss = loss_of(renderer.render(scene, renderer.detailed_maps(scene, displacement * scene.uv_valid)[1]))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -393,8 +396,7 @@ def free_displacement_bound(trainer: DetailTrainer, data: dict[str, Any], index:
         for name, d, n, where in (("coarse", torch.zeros_like(gt), scene.normal_map, data["region"]), ("free", free, free_normals, data["region"]),
                                   ("coarse_zone", torch.zeros_like(gt), scene.normal_map, zone), ("free_zone", free, free_normals, zone)):
             pools[name].add(d, gt, n, gt_normals, where)
-        gt_render = renderer.render(scene, gt_normals)
-        gt_loss = w_photo * masked_photometric_loss(gt_render, photos, mask) + w_grad * masked_gradient_photometric_loss(gt_render, photos, mask)
+        gt_loss = loss_of(renderer.render(scene, gt_normals))
     out: dict[str, Any] = {name: pool.result(mm) for name, pool in pools.items()}
     out.update(variants=len(idx), steps=steps, lr=lr, loss_first=history[0], loss_last=history[-1], loss_ground_truth=float(gt_loss),
                normal_error_ratio=out["free"]["normal_error_deg"] / max(out["coarse"]["normal_error_deg"], 1e-9))

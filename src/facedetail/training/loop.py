@@ -30,6 +30,7 @@ The module knows nothing of Kedro or MLflow: logging goes through the ``log_metr
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -325,8 +326,7 @@ class DetailTrainer:
         displacement = out["displacement"].float()
         detailed_positions, detailed_normals = self.renderer.detailed_maps(scene, displacement)
         if self.albedo_shading != "coarse":
-            scene = FaceBatchScene(scene.position_map, scene.normal_map, self.albedo_for(batch, scene, detailed_normals),
-                                   scene.uv_valid, scene.gamma, scene.pixel_uv, scene.render_mask)
+            scene = dataclasses.replace(scene, albedo_map=self.albedo_for(batch, scene, detailed_normals))
         with torch.no_grad():
             coarse = self.renderer.render(scene, scene.normal_map)
         detailed = self.renderer.render(scene, detailed_normals)
