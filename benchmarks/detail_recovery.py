@@ -34,7 +34,11 @@ Usage (repository root; 5-12 min on 2 busy cores: data 1-5 min, 300 steps 2.5-5.
 Diagnostics (README "Diagnosis"): ``--oracle-albedo`` (the trainer shades the data's true albedo), ``--float-photos``
 (no 8-bit quantisation of the synthetic photos), ``--free-displacement STEPS`` (no generator: free per-variant maps
 optimised with the variant's photometric terms), ``--wrinkle-spacing F`` (ground-truth furrow / crow's-feet spacing
-x F; a change of the data, 1 = the default data).
+x F; a change of the data, 1 = the default data), ``--supervised STEPS`` (no photometric loss: the network is fitted to
+the ground-truth displacement itself, L2 + ``--supervised-gradient-weight`` x L2 of its texel differences; with
+``--supervised-net unet`` a plain pix2pix U-Net from the texture instead of the detail generator: how far direct
+supervision gets, an upper bound of the self-supervised training), ``--data-seeds K`` (the training photos K times,
+each with other wrinkle styles and expressions: K x the training variants; held-out faces unchanged).
 
 ``--albedo-sigma`` is in texels: the same value at UV 128 is half the physical low-pass of UV 64 (the data of the
 README's rows name both). The evaluation also reports the held-out image-space photometric and shading-gradient
@@ -403,6 +407,84 @@ def free_displacement_bound(trainer: DetailTrainer, data: dict[str, Any], index:
     return out
 
 
+def merge_datasets(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Datasets of the same photos built with other seeds, concatenated; identity ``i`` of part ``k`` becomes
+    ``i + k * n_photos`` (a photo's other styles are other people to the split: only part 0's are held out)."""
+    if len(parts) == 1:
+        return parts[0]
+    n_photos = int(parts[0]["identity"].max()) + 1
+    merged: dict[str, Any] = {}
+    for key, value in parts[0].items():
+        if key in ("uv_valid", "region"):
+            merged[key] = value
+        elif key == "identity":
+            merged[key] = np.concatenate([part[key] + k * n_photos for k, part in enumerate(parts)])
+        elif isinstance(value, torch.Tensor):
+            merged[key] = torch.cat([part[key] for part in parts])
+        else:
+            merged[key] = [item for part in parts for item in part[key]]
+    return merged
+
+
+def displacement_regression_loss(predicted: torch.Tensor, gt: torch.Tensor, where: torch.Tensor, gradient_weight: float) -> torch.Tensor:
+    """Mean squared displacement error inside ``where`` plus ``gradient_weight`` x that of its texel-to-texel
+    differences (the normals follow those: plain L2 leaves noise the normal error counts)."""
+    error = (predicted - gt) * where
+    dx, dy = error[..., :, 1:] - error[..., :, :-1], error[..., 1:, :] - error[..., :-1, :]
+    return error.pow(2).mean() + gradient_weight * (dx.pow(2).mean() + dy.pow(2).mean())
+
+
+class SupervisedUNet(torch.nn.Module):
+    """Diagnostic network: pix2pix U-Net from the texture straight to the displacement (``output_scale`` x a linear
+    output, face-model units); the detail generator's interface (``embed`` / ``displacement_from``) so
+    :func:`evaluate` measures it the same way. The expression map is ignored: not riggable, re-targeting
+    reproduces the source face's displacement."""
+
+    def __init__(self, ngf: int, num_downs: int, output_scale: float = 0.01) -> None:
+        super().__init__()
+        from facedetail.models.generator import UNetGenerator
+
+        self.net = UNetGenerator(4, 1, num_downs, ngf, "instance", 0.0, "none")
+        self.output_scale = float(output_scale)
+
+    def embed(self, uv_texture: torch.Tensor, texture_valid: torch.Tensor) -> torch.Tensor:
+        valid = texture_valid.to(uv_texture.dtype)
+        return self.net(torch.cat([(uv_texture * 2.0 - 1.0) * valid, valid], 1)) * self.output_scale
+
+    def displacement_from(self, embedding: torch.Tensor, expression_map: torch.Tensor) -> torch.Tensor:
+        return embedding
+
+    def forward(self, uv_texture: torch.Tensor, texture_valid: torch.Tensor, expression_map: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"displacement": self.embed(uv_texture, texture_valid)}
+
+
+def train_supervised(trainer: DetailTrainer, data: dict[str, Any], index: np.ndarray, steps: int, batch_size: int, lr: float,
+                     net: str, gradient_weight: float, seed: int) -> list[float]:
+    """Diagnostic (``--supervised STEPS``): fit ``trainer.generator`` (or, ``net="unet"``, a :class:`SupervisedUNet`
+    that replaces it) to the ground-truth displacement of the ``index`` variants with
+    :func:`displacement_regression_loss` (Adam, betas 0.5 / 0.999). Returns the loss every 50 steps."""
+    if net == "unet":
+        model = trainer.generator.config
+        trainer.generator = SupervisedUNet(model["ngf"], model["num_downs"])
+    generator = trainer.generator.train()
+    optimizer = torch.optim.Adam(generator.parameters(), lr=lr, betas=(0.5, 0.999))
+    where = data["region"].float()
+    rng = np.random.default_rng(seed)
+    history = []
+    for step in range(steps):
+        batch = torch.as_tensor(rng.choice(index, min(batch_size, len(index)), replace=False))
+        textures = data["uv_textures"][batch]
+        textures = textures.float() / 255.0 if textures.dtype == torch.uint8 else textures.float()
+        predicted = generator(textures, data["texture_valid"][batch], data["expression_maps"][batch])["displacement"]
+        loss = displacement_regression_loss(predicted, data["gt"][batch], where, gradient_weight)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if step % 50 == 0 or step == steps - 1:
+            history.append(float(loss))
+    return history
+
+
 def apply_overrides(config: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """``["loss_weights.uv_photometric=2", "model.regions=8"]`` -> ``config`` with those (YAML-parsed) values set."""
     import yaml
@@ -452,6 +534,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                              "variants for STEPS steps with the variant's photometric terms (does the loss identify the truth?)")
     parser.add_argument("--oracle-albedo", action="store_true",
                         help="diagnostic: the trainer shades with the data's TRUE albedo instead of its estimate from the photo")
+    parser.add_argument("--supervised", type=int, default=0, metavar="STEPS",
+                        help="diagnostic: fit the network to the ground-truth displacement (no photometric loss)")
+    parser.add_argument("--supervised-net", default="generator", choices=("generator", "unet"))
+    parser.add_argument("--supervised-gradient-weight", type=float, default=30.0)
+    parser.add_argument("--data-seeds", type=int, default=1, help="training photos this many times, other styles each")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="train-config override after the variant's, e.g. loss_weights.gradient_photometric=2 (repeatable)")
     parser.add_argument("--tag", default="", help="suffix of the output file names (default: the variant)")
@@ -467,12 +554,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     params = project_params()
     face_model = load_face_model_from_params(params["face_model"], "cpu")
     fits = load_fits(params, work, args.faces)
-    data = build_dataset(face_model, fits, args.uv_size, args.expressions, args.seed, args.albedo_sigma, args.float_photos, args.wrinkle_spacing)
+    data = merge_datasets([build_dataset(face_model, fits, args.uv_size, args.expressions, args.seed + k, args.albedo_sigma,
+                                         args.float_photos, args.wrinkle_spacing) for k in range(max(1, args.data_seeds))])
     n_people = len(fits["face_ids"])
     people = np.random.default_rng(args.seed).permutation(n_people)
     heldout_people = set(people[: max(1, int(round(args.heldout * n_people)))].tolist())
-    is_test = np.array([p in heldout_people for p in data["identity"]])
-    train_index, test_index = np.flatnonzero(~is_test), np.flatnonzero(is_test)
+    photo = data["identity"] % n_people
+    is_test = np.array([p in heldout_people for p in photo])
+    # held out: part 0's variants of the held-out photos; their other parts are used by no one
+    train_index, test_index = np.flatnonzero(~is_test), np.flatnonzero(is_test & (data["identity"] < n_people))
     prepared = time.perf_counter() - tic
     print(f"data: {n_people} photos x {args.expressions} expressions, train {len(train_index)} / held-out {len(test_index)} "
           f"variants ({prepared:.0f} s)", flush=True)
@@ -501,18 +591,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               f"{bound['loss_first']:.5f} -> {bound['loss_last']:.5f} (ground truth {bound['loss_ground_truth']:.5f})")
         print(json.dumps(summary), flush=True)
         return summary
-    if args.oracle_albedo:
-        use_oracle_albedo(trainer, data)
-    result = trainer.fit(face_tensors(data, train_index))
+    supervised_history: list[float] = []
+    if args.supervised > 0:
+        supervised_history = train_supervised(trainer, data, train_index, args.supervised, args.batch_size,
+                                              args.lr or float(config["optimizer"]["lr"]), args.supervised_net,
+                                              args.supervised_gradient_weight, args.seed)
+        result = None
+    else:
+        if args.oracle_albedo:
+            use_oracle_albedo(trainer, data)
+        result = trainer.fit(face_tensors(data, train_index))
     trained = time.perf_counter() - tic - prepared
     metrics, pictures = evaluate(trainer, data, test_index, args.oracle_albedo)
     train_metrics, _ = evaluate(trainer, data, train_index, args.oracle_albedo)
     out = Path(args.out)
-    name = f"detail_recovery_{args.variant}{'_' + args.tag if args.tag else ''}"
+    mode = f"supervised_{args.supervised_net}" if args.supervised > 0 else args.variant
+    name = f"detail_recovery_{mode}{'_' + args.tag if args.tag else ''}"
     picture = save_pictures(pictures, out / f"{name}.png")
-    last = result.history[-1] if result.history else {}
+    last = result.history[-1] if result is not None and result.history else {}
     summary = {
-        "variant": args.variant, "overrides": args.overrides, "steps": args.steps, "uv_size": args.uv_size, "photos": n_people,
+        "variant": args.variant, "overrides": args.overrides, "steps": args.supervised or args.steps, "data_seeds": args.data_seeds,
+        "supervised": {"net": args.supervised_net, "gradient_weight": args.supervised_gradient_weight,
+                       "loss_every_50_steps": supervised_history} if args.supervised > 0 else None, "uv_size": args.uv_size, "photos": n_people,
         "expressions": args.expressions, "albedo_sigma": args.albedo_sigma, "oracle_albedo": args.oracle_albedo, "float_photos": args.float_photos, "wrinkle_spacing": args.wrinkle_spacing, "train_variants": len(train_index), "heldout_variants": len(test_index),
         "loss_weights": config["loss_weights"], "detail_regularization": config["detail_regularization"],
         "heldout": metrics, "train": {k: train_metrics[k] for k in ("coarse", "detailed", "normal_error_ratio")},

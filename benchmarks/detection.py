@@ -8,14 +8,15 @@ at least one clear face. Variants, made in memory (never written into the reposi
 
 Two settings are compared: ``before`` (MTCNN only, ``min_probability`` 0.95, no retry, no fallback: the
 defaults before issue 11) and ``after`` (``conf/base/parameters_data_prep.yml``'s ``data_prep.detection``).
-For ``after`` the best candidate score of every image is recorded too, so the table also gives the detection
-rate for several ``low_confidence_floor`` values (the floor is chosen where negatives stay at zero).
+With ``--sweep``, ``after`` keeps candidates down to 0.5 (no extra detector, no confirmer) and the best candidate
+score of every image gives the detection rate for several ``low_confidence_floor`` values (the floor is chosen
+where negatives stay at zero).
 
 Usage (from the repository root)::
 
-    python benchmarks/detection.py [--folder DIR] [--limit N] [--variants original,grayscale,...]
+    python benchmarks/detection.py [--folder DIR] [--limit N] [--variants original,grayscale,...] [--sweep]
 
-Prints a markdown table "detection rate before -> after" per variant, then the floor sweep.
+Prints a markdown table "detection rate before -> after" per variant (then the floor sweep with ``--sweep``).
 """
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import yaml  # noqa: E402
+
+from facedetail.cli import load_project_config  # noqa: E402
 
 from facedetail.detect.faces import detector_from_params  # noqa: E402
 from facedetail.detect.mtcnn import no_face_status  # noqa: E402
@@ -103,15 +105,20 @@ def main() -> None:
     parser.add_argument("--folder", default=str(ROOT.parent / "shared" / "assets" / "faces"))
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--sweep", action="store_true",
+                        help="'after' keeps candidates down to 0.5 without the extra detector and the confirmer, and the "
+                             "low_confidence_floor sweep is printed (how the floor was chosen); default: exactly the conf")
     args = parser.parse_args()
     torch.set_num_threads(1)
     variants = args.variants.split(",")
-    params = yaml.safe_load((ROOT / "conf/base/parameters_data_prep.yml").read_text())["data_prep"]
+    params = load_project_config(str(ROOT / "conf"))[0]["data_prep"]  # resolved (${env:...} model paths)
     before = detector_from_params({"detection": {k: params["detection"][k] for k in
                                    ("min_face_size", "max_detection_side", "stage_thresholds")} | {"min_probability": 0.95}}, "cpu")
-    after_params = dict(params["detection"], low_confidence_floor=min(FLOORS))  # sweep floors from the scores
+    after_params = dict(params["detection"])
+    if args.sweep:  # sweep floors from the scores (a confirmed face is kept whatever its score: no confirmer here)
+        after_params.update(low_confidence_floor=min(FLOORS), extra_detector="none", confirmer="none")
     after = detector_from_params({"detection": after_params}, "cpu")
-    chosen = float(params["detection"].get("low_confidence_floor", 1.0))
+    chosen = float(params["detection"].get("low_confidence_floor", 1.0)) if args.sweep else 0.0
     images, negs = photos(Path(args.folder), args.limit), negatives()
     print(f"{len(images)} photos, {len(negs)} face-free images; chosen low_confidence_floor {chosen}", flush=True)
     t0 = time.perf_counter()
@@ -137,12 +144,13 @@ def main() -> None:
         print(f"| {name} | {rate(b_pos[name])}/{len(images)} -> {rate(a_pos[name], chosen)}/{len(images)} | "
               f"{sum(n for n, _, _ in b_pos[name])} -> {n_after} | {too_small} | {rate(b_neg[name])} -> {rate(a_neg[name], chosen)} | "
               f"{', '.join(f'{k} {v}' for k, v in sorted(sources.items()))} |")
-    print("\nfloor sweep (after, all variants pooled): floor, photos with a face, face-free images with a detection")
-    total = len(images) * len(variants)
-    for floor in FLOORS:
-        print(f"  {floor:.2f}: {sum(rate(a_pos[v], floor) for v in variants)}/{total}, "
-              f"{sum(rate(a_neg[v], floor) for v in variants)}/{len(negs) * len(variants)}")
-    print("face-free: highest candidate kept at floor 0.5:", round(max(s for v in variants for _, s, _ in a_neg[v]), 3))
+    if args.sweep:
+        print("\nfloor sweep (after, all variants pooled): floor, photos with a face, face-free images with a detection")
+        total = len(images) * len(variants)
+        for floor in FLOORS:
+            print(f"  {floor:.2f}: {sum(rate(a_pos[v], floor) for v in variants)}/{total}, "
+                  f"{sum(rate(a_neg[v], floor) for v in variants)}/{len(negs) * len(variants)}")
+        print("face-free: highest candidate kept at floor 0.5:", round(max(s for v in variants for _, s, _ in a_neg[v]), 3))
     misses = [(v, images[i][0], a_pos[v][i][2]) for v in variants for i in range(len(images)) if a_pos[v][i][1] < chosen]
     print("after: misses", misses)
     print(f"seconds: before {t1 - t0:.1f}, after {t2 - t1:.1f} ({len(variants) * (len(images) + len(negs))} images each)")

@@ -30,7 +30,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import yaml  # noqa: E402
+
+from facedetail.cli import load_project_config  # noqa: E402
 
 from facedetail.detect.faces import detect_and_align, detector_from_params  # noqa: E402
 from facedetail.detect.landmarks import LandmarkDetector  # noqa: E402
@@ -82,8 +83,8 @@ def main() -> None:
     parser.add_argument("--max-faces", type=int, default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    prep = yaml.safe_load((ROOT / "conf/base/parameters_data_prep.yml").read_text())["data_prep"]
-    estimation = yaml.safe_load((ROOT / "conf/base/parameters_estimation.yml").read_text())["estimation"]
+    prep = load_project_config(str(ROOT / "conf"))[0]["data_prep"]  # resolved (${env:...} model paths)
+    estimation = load_project_config(str(ROOT / "conf"))[0]["estimation"]
     detector = detector_from_params(prep, "cpu")
     crops, fives, names = [], [], []
     for path in sorted(p for p in Path(args.folder).rglob("*") if p.suffix.lower() in (".jpg", ".png")):

@@ -180,3 +180,42 @@ def test_oracle_albedo_replaces_the_trainers_estimate_per_face(face_model, tmp_p
     trainer._scene_cache = None
     with pytest.raises(RuntimeError, match="scene cache"):
         trainer.cached_scene(batch)
+
+
+def _benchmark_module():
+    import importlib.util
+
+    from tests.conftest import REPO_ROOT
+
+    spec = importlib.util.spec_from_file_location("detail_recovery", REPO_ROOT / "benchmarks" / "detail_recovery.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def test_supervised_loss_counts_value_and_texel_differences_inside_the_region():
+    """Hand-computed: error 1 on one texel of a 1x1x2x3 map, region = first two columns."""
+    bench = _benchmark_module()
+    gt = torch.zeros(1, 1, 2, 3)
+    predicted = gt.clone()
+    predicted[0, 0, 0, 0] = 1.0
+    where = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0]])
+    # squared error mean over 6 texels: 1/6; x differences (2x2): one of 1 -> 1/4; y differences (1x3): one of 1 -> 1/3
+    expected = 1 / 6 + 2.0 * (1 / 4 + 1 / 3)
+    assert float(bench.displacement_regression_loss(predicted, gt, where, 2.0)) == pytest.approx(expected)
+    predicted[0, 0, 0, 2] = 5.0  # outside the region: not counted
+    assert float(bench.displacement_regression_loss(predicted, gt, where, 2.0)) == pytest.approx(expected)
+
+
+def test_extra_data_seeds_become_other_people_and_only_part_zero_is_held_out():
+    bench = _benchmark_module()
+
+    def part(value: float) -> dict:
+        return {"identity": np.array([0, 0, 1, 1, 2, 2]), "gt": torch.full((6, 1, 2, 2), value),
+                "face_ids": [f"p{i // 2}__e{i % 2}" for i in range(6)], "uv_valid": torch.ones(1, 1, 2, 2), "region": torch.ones(1, 1, 2, 2)}
+
+    merged = bench.merge_datasets([part(0.0), part(1.0)])
+    assert merged["identity"].tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
+    assert merged["gt"][:6].eq(0).all() and merged["gt"][6:].eq(1).all() and len(merged["face_ids"]) == 12
+    assert merged["region"].shape == (1, 1, 2, 2)  # shared maps are not stacked
+    assert bench.merge_datasets([part(0.0)])["gt"].shape[0] == 6

@@ -98,8 +98,9 @@ def test_two_detectors_agreeing_accept_a_face_below_min_probability():
     result = detector._threshold(confirmed + [_face(0.93, 600)], 1.0)
     assert [f.score for f in result.faces] == [0.942, 0.939]
     assert not any(f.low_confidence for f in result.faces) and len(result.rejected) == 1
-    # agreement does not lower the floor, nor the size limit
-    assert detector._threshold([dataclasses.replace(_face(0.79), confirmed=True)], 1.0).faces == []
+    # agreement is decided when a proposal is checked (MTCNN at the floor, or MMOD): a confirmed face is kept
+    # whatever its score, but not below the size limit
+    assert [f.score for f in detector._threshold([dataclasses.replace(_face(0.5), confirmed=True)], 1.0).faces] == [0.5]
     assert detector._threshold([dataclasses.replace(_face(0.9, side=20), confirmed=True)], 1.0).faces == []
 
 
@@ -130,3 +131,103 @@ def test_small_face_in_a_large_photo_is_found_by_the_tiles():
     assert len(found) == 1
     x0, y0, x1, y1 = found[0][0]
     assert 280 < x0 < x1 < 480 and 880 < y0 < y1 < 1096, found[0][0]
+
+
+ASTRONAUT_FACE = (slice(30, 250), slice(130, 330))  # skimage's astronaut: one face, about 200 px
+
+
+def _stub_mtcnn_below_floor(detector: MtcnnFaceDetector) -> None:
+    """MTCNN finds the face everywhere with 0.7, below the 0.8 floor (a hard photo: it neither passes nor confirms)."""
+    original = detector._run_mtcnn
+
+    def weak(batch, scale, window_factor=1.0, window=None):
+        out = original(batch, scale, window_factor, window)
+        return [(boxes, np.minimum(probs, 0.7), points) for boxes, probs, points in out]
+
+    detector._run_mtcnn = weak
+
+
+def test_yunet_proposes_the_face_with_its_five_points_in_order():
+    from facedetail.detect.yunet import YuNetDetector
+
+    image = np.ascontiguousarray(skimage.data.astronaut())
+    faces = YuNetDetector(0.3).detect(image)
+    assert len(faces) == 1
+    box, score, points = faces[0]
+    assert score > 0.8 and 150 < box[0] < 200 and box[2] < 300 and 30 < box[1] < 90  # her face, not the suit
+    mtcnn = MtcnnFaceDetector("cpu").detect(image).faces[0]
+    # the same five points as MTCNN's (left eye, right eye, nose, mouth left, mouth right) within a few pixels
+    assert np.abs(points - mtcnn.landmarks5).max() < 8, (points, mtcnn.landmarks5)
+    assert YuNetDetector(0.3).detect(np.full((240, 320, 3), 128, np.uint8)) == []
+
+
+def test_mmod_confirms_a_face_box_and_nothing_on_face_free_boxes():
+    from facedetail.detect.mmod import MmodFaceConfirmer
+
+    confirmer = MmodFaceConfirmer()
+    image = np.ascontiguousarray(skimage.data.astronaut())
+    face_box = MtcnnFaceDetector("cpu").detect(image).faces[0].bbox
+    assert confirmer.confidence(image, face_box) > 0.5
+    assert not confirmer.confirms(image, face_box + [0, 200, 0, 200])  # the same size, on her suit
+    for name in ("coffee", "coins", "rocket"):  # face-free images, boxes where coins / cups could pass for heads
+        other = np.ascontiguousarray(np.atleast_3d(getattr(skimage.data, name)())[..., :3])
+        other = np.repeat(other, 3, axis=2) if other.shape[2] == 1 else other
+        h, w = other.shape[:2]
+        for y in range(0, h - 80, 60):
+            for x in range(0, w - 80, 60):
+                assert not confirmer.confirms(other, np.array([x, y, x + 80, y + 80], float)), (name, x, y)
+
+
+def test_mmod_confirmer_accepts_a_face_mtcnn_scores_below_the_floor():
+    """MediaPipe proposes the face, MTCNN only gives 0.7 in its crop: without the confirmer nothing is kept,
+    with it the face is kept (confirmed, MTCNN's points, source says who agreed)."""
+    face = np.ascontiguousarray(skimage.data.astronaut()[ASTRONAUT_FACE])
+    plain = detector_from_params(ROBUST, "cpu")
+    _stub_mtcnn_below_floor(plain)
+    assert plain.detect(face).faces == []
+    checked = detector_from_params({"detection": {**ROBUST["detection"], "confirmer": "mmod"}}, "cpu")
+    _stub_mtcnn_below_floor(checked)
+    faces = checked.detect(face).faces
+    assert len(faces) == 1 and faces[0].confirmed and faces[0].source == "mediapipe+mtcnn+mmod"
+    assert faces[0].score == pytest.approx(0.7) and not faces[0].low_confidence
+
+
+def test_extra_detector_adds_a_second_face_mtcnn_missed_next_to_a_confident_one():
+    """Two faces side by side; MTCNN 'misses' the right one (its first pass is cut to the left half), so the
+    MediaPipe fallback never runs; YuNet proposes the right one on every image and MMOD confirms it."""
+    face = cv2.resize(skimage.data.astronaut()[ASTRONAUT_FACE], (160, 176))
+    canvas = np.full((300, 700, 3), 110, np.uint8)
+    canvas[60:236, 60:220] = face
+    canvas[60:236, 460:620] = face
+    params = {"detection": {**ROBUST["detection"], "extra_detector": "yunet", "confirmer": "mmod"}}
+    detector = detector_from_params(params, "cpu")
+    original = detector._run_mtcnn
+
+    def left_half_only(batch, scale, window_factor=1.0, window=None):
+        out = original(batch, scale, window_factor, window)
+        if window is not None:  # crops of proposals: MTCNN sees nothing there either
+            return [(np.zeros((0, 4)), np.zeros((0,)), np.zeros((0, 5, 2))) for _ in out]
+        return [(b[b[:, 0] < 300], p[b[:, 0] < 300], q[b[:, 0] < 300]) for b, p, q in out]
+
+    detector._run_mtcnn = left_half_only
+    faces = detector.detect(canvas).faces
+    assert [f.source for f in faces] == ["mtcnn", "yunet+mmod"]  # left to right
+    right = faces[1]
+    assert 440 < right.bbox[0] < right.bbox[2] < 640 and right.confirmed and not right.low_confidence
+    assert np.abs(right.landmarks5 - (faces[0].landmarks5 + [400, 0])).max() < 8  # YuNet's points, the same face
+    without = detector_from_params({"detection": {**ROBUST["detection"], "confirmer": "mmod"}}, "cpu")
+    without._run_mtcnn = left_half_only
+    assert [f.source for f in without.detect(canvas).faces] == ["mtcnn"]
+
+
+def test_missing_or_wrong_extra_detector_models_fail_with_one_clear_line(tmp_path):
+    bad = tmp_path / "not_a_model.onnx"
+    bad.write_bytes(b"this is not an onnx file")
+    with pytest.raises(FileNotFoundError, match="YuNet model not found"):
+        detector_from_params({"detection": {"extra_detector": "yunet", "yunet_model": str(tmp_path / "missing.onnx")}}, "cpu")
+    with pytest.raises(ValueError, match="could not be loaded"):
+        detector_from_params({"detection": {"extra_detector": "yunet", "yunet_model": str(bad)}}, "cpu")
+    with pytest.raises(ValueError, match="not a dlib MMOD detector"):
+        detector_from_params({"detection": {"confirmer": "mmod", "mmod_model": str(bad)}}, "cpu")
+    with pytest.raises(ValueError, match="extra_detector must be"):
+        MtcnnFaceDetector("cpu", extra_detector="retinaface")

@@ -82,6 +82,11 @@ class DetectionParams(Section):
     low_confidence_floor: NonNegativeFloat = 1.0
     retry_window_factors: list[PositiveFloat] = []
     fallback: Literal["none", "mediapipe"] = "none"
+    extra_detector: Literal["none", "yunet"] = "none"
+    extra_min_score: Probability = 0.3
+    confirmer: Literal["none", "mmod"] = "none"
+    yunet_model: str = ""
+    mmod_model: str = ""
 
 
 class AlignmentParams(Section):

