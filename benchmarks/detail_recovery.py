@@ -10,7 +10,7 @@ Data (made here, cached in ``--work-dir``):
    intensities, some neutral): ground-truth displacement = :func:`wrinkle_displacement` (0 at neutral, depth
    linear in the driving blendshapes, 0.3-1 mm at full intensity), "photo" = the project's detailed render
    (:class:`~facedetail.render.detail.DetailRenderer`, the fit's SH lighting and a smoothed de-lit albedo, see
-   ``--albedo-sigma``) of the whole mesh composited over the real photo outside it; the generator's inputs are made from that photo by ``generator_inputs`` exactly as in
+   ``--albedo-sigma``) of the whole mesh composited over the real photo outside it; the generator's inputs are made from that photo as ``generator_inputs`` makes them in
    the pipelines.
 
 Photos (identities) are split into train / held-out. ``DetailTrainer`` trains on the train faces' variants
@@ -67,7 +67,7 @@ from PIL import Image  # noqa: E402
 from facedetail.data.faces import FaceTensors  # noqa: E402
 from facedetail.geometry.face_model import FaceModel, load_face_model_from_params  # noqa: E402
 from facedetail.geometry.detail import masked_blur  # noqa: E402
-from facedetail.geometry.face_uv import as_generator_tensors, face_uv_maps, generator_inputs  # noqa: E402
+from facedetail.geometry.face_uv import as_generator_tensors, face_uv_maps, quantise_uv_maps  # noqa: E402
 from facedetail.geometry.wrinkles import (  # noqa: E402
     WrinkleStyle, normal_angle_degrees, sample_styles, wrinkle_displacement, wrinkle_drivers, wrinkle_patterns,
 )
@@ -207,9 +207,10 @@ def build_dataset(face_model: FaceModel, fits: dict[str, np.ndarray], uv_size: i
         render = renderer.render(scene, gt_normals)
         coarse = renderer.render(scene, scene.normal_map)
         images = scene.render_mask * render + (1 - scene.render_mask) * photo
-        inputs = as_generator_tensors(generator_inputs(face_model, variants, images, uv_size))
+        unwrapped = face_uv_maps(face_model, variants, images, uv_size)  # what generator_inputs stores, before quantising
+        inputs = as_generator_tensors(quantise_uv_maps(unwrapped))
         if float_photos:
-            inputs["uv_textures"] = face_uv_maps(face_model, variants, images, uv_size)["uv_textures"].clamp(0.0, 1.0)
+            inputs["uv_textures"] = unwrapped["uv_textures"].clamp(0.0, 1.0)
         rows["face_ids"] += [f"{face_id}__e{j}" for j in range(expressions)]
         rows["identity"] += [i] * expressions
         rows["images"].append(images.clamp(0.0, 1.0) if float_photos else (images * 255 + 0.5).byte())

@@ -35,6 +35,17 @@ def expression(face_model, **weights: float) -> torch.Tensor:
     return out
 
 
+def _benchmark_module():
+    import importlib.util
+
+    from tests.conftest import REPO_ROOT
+
+    spec = importlib.util.spec_from_file_location("detail_recovery", REPO_ROOT / "benchmarks" / "detail_recovery.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
 def test_no_wrinkles_at_neutral_or_under_non_driving_expressions(face_model):
     styles = sample_styles(2, seed=3)
     neutral = wrinkle_displacement(face_model, styles, torch.zeros(2, len(face_model.exp_names)), SIZE)
@@ -111,13 +122,7 @@ def test_ground_truth_render_differs_from_coarse_inside_the_face_only(face_model
 
 def test_benchmark_overrides_set_nested_train_keys():
     """``--set key.path=value`` (YAML-parsed) is applied after the variant's weights; bad items are refused."""
-    import importlib.util
-
-    from tests.conftest import REPO_ROOT
-
-    spec = importlib.util.spec_from_file_location("detail_recovery", REPO_ROOT / "benchmarks" / "detail_recovery.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _benchmark_module()
     params = {"train": {"loss_weights": {"photometric": 1.0, "uv_photometric": 0.0}, "model": {"regions": 4},
                         "optimizer": {"lr": 0.001}}}
     config = bench.train_config(params, "gradient", 10, 2, "/tmp/x", None,
@@ -158,15 +163,10 @@ def test_wrinkle_spacing_option_scales_furrow_and_crows_feet_spacing_only(face_m
 
 def test_oracle_albedo_replaces_the_trainers_estimate_per_face(face_model, tmp_path):
     """``--oracle-albedo``: the trainer's cached per-face scenes shade the data's true albedo, matched by face id."""
-    import importlib.util
-
     from facedetail.training.loop import DetailTrainer
-    from tests.conftest import REPO_ROOT
     from tests.test_training import UV, synthetic_faces, tiny_config
 
-    spec = importlib.util.spec_from_file_location("detail_recovery", REPO_ROOT / "benchmarks" / "detail_recovery.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _benchmark_module()
     faces = synthetic_faces(face_model, n=3)
     trainer = DetailTrainer(face_model, None, tiny_config(tmp_path), UV, torch.device("cpu"))
     albedo = torch.rand(3, 3, UV, UV)
@@ -180,17 +180,6 @@ def test_oracle_albedo_replaces_the_trainers_estimate_per_face(face_model, tmp_p
     trainer._scene_cache = None
     with pytest.raises(RuntimeError, match="scene cache"):
         trainer.cached_scene(batch)
-
-
-def _benchmark_module():
-    import importlib.util
-
-    from tests.conftest import REPO_ROOT
-
-    spec = importlib.util.spec_from_file_location("detail_recovery", REPO_ROOT / "benchmarks" / "detail_recovery.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
 
 
 def test_supervised_loss_counts_value_and_texel_differences_inside_the_region():

