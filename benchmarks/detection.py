@@ -108,6 +108,8 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true",
                         help="'after' keeps candidates down to 0.5 without the extra detector and the confirmer, and the "
                              "low_confidence_floor sweep is printed (how the floor was chosen); default: exactly the conf")
+    parser.add_argument("--base", action="store_true",
+                        help="also time the conf's detector without the extra detector and the confirmer (their cost)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     variants = args.variants.split(",")
@@ -121,14 +123,21 @@ def main() -> None:
     chosen = float(params["detection"].get("low_confidence_floor", 1.0)) if args.sweep else 0.0
     images, negs = photos(Path(args.folder), args.limit), negatives()
     print(f"{len(images)} photos, {len(negs)} face-free images; chosen low_confidence_floor {chosen}", flush=True)
+    def rate(rows, floor=0.0):
+        return sum(1 for n, s, _ in rows if n and s >= floor)
+
     t0 = time.perf_counter()
     b_pos, b_neg = run(before, images, variants), run(before, negs, variants)
     t1 = time.perf_counter()
     a_pos, a_neg = run(after, images, variants), run(after, negs, variants)
     t2 = time.perf_counter()
-
-    def rate(rows, floor=0.0):
-        return sum(1 for n, s, _ in rows if n and s >= floor)
+    if args.base:
+        base = detector_from_params({"detection": dict(after_params, extra_detector="none", confirmer="none")}, "cpu")
+        base_pos, base_neg = run(base, images, variants), run(base, negs, variants)
+        t3 = time.perf_counter()
+        print(f"without extra detector and confirmer: {sum(rate(base_pos[v]) for v in variants)} photos with a face, "
+              f"{sum(n for v in variants for n, _, _ in base_pos[v])} faces, {sum(rate(base_neg[v]) for v in variants)} "
+              f"face-free images with a face; {t3 - t2:.1f} s")
 
     print("\n| variant | photos with a face, before -> after | faces before -> after | after: photos reported too_small | "
           "false detections (face-free) before -> after | after: sources |")

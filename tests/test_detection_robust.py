@@ -231,3 +231,17 @@ def test_missing_or_wrong_extra_detector_models_fail_with_one_clear_line(tmp_pat
         detector_from_params({"detection": {"confirmer": "mmod", "mmod_model": str(bad)}}, "cpu")
     with pytest.raises(ValueError, match="extra_detector must be"):
         MtcnnFaceDetector("cpu", extra_detector="retinaface")
+
+
+def test_default_detector_drops_a_proposal_no_second_detector_confirms():
+    """skimage's coins blurred (sigma 2): BlazeFace scores a coin head 0.819, above the 0.8 floor, and MTCNN finds
+    nothing in its crop; without a confirmer it was kept as a low-confidence face, the default (MMOD) drops it."""
+    from facedetail.cli import load_project_config
+    from tests.conftest import REPO_ROOT
+
+    coins = cv2.GaussianBlur(np.repeat(skimage.data.coins()[..., None], 3, axis=2), (0, 0), 2.0)
+    detection = load_project_config(str(REPO_ROOT / "conf"))[0]["data_prep"]["detection"]
+    without = detector_from_params({"detection": {**detection, "extra_detector": "none", "confirmer": "none"}}, "cpu")
+    kept = without.detect(coins).faces
+    assert [(f.source, f.low_confidence) for f in kept] == [("mediapipe", True)]
+    assert detector_from_params({"detection": detection}, "cpu").detect(coins).faces == []

@@ -288,7 +288,9 @@ class MtcnnFaceDetector:
 
             if self._fallback_detector is None:
                 self._fallback_detector = BlazeFaceDetector()
-            proposals = self._fallback_detector.detect(np.asarray(image))
+            passing = [f.bbox for f in candidates if f.score >= self.min_probability and f.size >= self.min_face_size]
+            proposals = [p for p in self._fallback_detector.detect(np.asarray(image))  # a retry's face is not re-checked
+                         if all(box_iou(np.asarray(p[0], float), box) <= 0.3 for box in passing)]
             candidates = _merge(candidates, self._checked_proposals(np.asarray(image), proposals, "mediapipe"))
         return self._threshold(candidates, first.detection_scale)
 
@@ -314,9 +316,9 @@ class MtcnnFaceDetector:
         self, image: np.ndarray, proposals: Sequence[tuple[np.ndarray, float, np.ndarray]], proposer: str
     ) -> list[FaceDetection]:
         """Faces from another detector's boxes: MTCNN on each box's crop (face about 160 px; ``confirmed`` when its
-        box overlaps the proposal and scores at least ``low_confidence_floor``), else ``confirmed`` with the
-        proposer's box and points when the MMOD confirmer agrees, else the proposal alone (its score, not
-        confirmed)."""
+        box overlaps the proposal and scores at least ``low_confidence_floor``; a weaker MTCNN face there stands for
+        the proposal), then, with the MMOD confirmer, ``confirmed`` when MMOD agrees, and dropped when neither
+        MTCNN nor MMOD sees a face (without a confirmer the proposal stays, its own score, not confirmed)."""
         height, width = image.shape[:2]
         found: list[FaceDetection] = []
         for box, score, points5 in proposals:
@@ -342,8 +344,11 @@ class MtcnnFaceDetector:
                         found.append(dataclasses.replace(best, confirmed=True))
                         continue
                     proposal = best  # MTCNN's weak score and its points stand for the face
-            if self._confirmer is not None and self._confirmer.confirms(image, box):
-                proposal = dataclasses.replace(proposal, source=f"{proposal.source}+mmod", confirmed=True)
+            if self._confirmer is not None:
+                if self._confirmer.confirms(image, box):
+                    proposal = dataclasses.replace(proposal, source=f"{proposal.source}+mmod", confirmed=True)
+                elif proposal.source == proposer:  # neither MTCNN nor MMOD sees a face: the proposal is dropped
+                    continue
             found.append(proposal)
         return found
 
