@@ -18,6 +18,10 @@ import torch
 from facedetail.utils import resolve_device
 
 
+#: YuNet runs on a copy shrunk so that a face of ``min_face_size`` is this many pixels (it finds faces from ~10 px).
+YUNET_MIN_FACE = 32.0
+
+
 @dataclass(frozen=True)
 class FaceDetection:
     """One detected face in full-resolution image coordinates.
@@ -300,6 +304,12 @@ class MtcnnFaceDetector:
         """YuNet's boxes (on the detection-size image) that no accepted face overlaps, checked; those a second
         detector confirms join ``result``'s candidates (YuNet alone adds nothing), thresholded again."""
         array, factors = prepared
+        # YuNet finds faces from about 10 px: a face of min_face_size needs no more than YUNET_MIN_FACE pixels
+        shrink = min(1.0, YUNET_MIN_FACE / max(self.min_face_size * float(np.mean(factors)), 1e-6))
+        if shrink < 1.0:
+            size = (max(1, round(array.shape[1] * shrink)), max(1, round(array.shape[0] * shrink)))
+            factors = (factors[0] * size[0] / array.shape[1], factors[1] * size[1] / array.shape[0])
+            array = cv2.resize(array, size, interpolation=cv2.INTER_AREA)
         scale = np.tile(np.asarray(factors, float), 2)
         proposals = [(box / scale, score, (points + 0.5) / np.asarray(factors) - 0.5)
                      for box, score, points in self._extra_detector.detect(array)]
