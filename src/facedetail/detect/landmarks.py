@@ -56,7 +56,7 @@ import cv2
 import numpy as np
 import torch
 
-from facedetail.utils import resolve_device
+from facedetail.utils import packaged_file, resolve_device
 
 N_DENSE = 478
 N_IBUG = 68
@@ -132,14 +132,9 @@ BACKENDS = ("mediapipe", "dlib", "face_alignment", "auto")
 def dlib_predictor_path() -> Path | None:
     """dlib's 68-point predictor (trained on iBUG 300-W) as shipped by the ``face-recognition-models`` wheel,
     or None when ``dlib`` or that package is not installed."""
-    # located without importing face_recognition_models (its __init__ needs pkg_resources)
     if importlib.util.find_spec("dlib") is None:
         return None
-    spec = importlib.util.find_spec("face_recognition_models")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(list(spec.submodule_search_locations)[0]) / "models" / "shape_predictor_68_face_landmarks.dat"
-    return path if path.is_file() else None
+    return packaged_file("face_recognition_models", "models/shape_predictor_68_face_landmarks.dat")
 
 
 @dataclass(frozen=True)

