@@ -391,7 +391,7 @@ def free_displacement_bound(trainer: DetailTrainer, data: dict[str, Any], index:
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        history.append(float(loss))
+        history.append(float(loss.detach()))
     pools = {name: ErrorPool() for name in ("coarse", "free", "coarse_zone", "free_zone")}
     with torch.no_grad():
         _, gt_normals = renderer.detailed_maps(scene, gt)
@@ -482,7 +482,7 @@ def train_supervised(trainer: DetailTrainer, data: dict[str, Any], index: np.nda
         loss.backward()
         optimizer.step()
         if step % 50 == 0 or step == steps - 1:
-            history.append(float(loss))
+            history.append(float(loss.detach()))
     return history
 
 
