@@ -245,3 +245,16 @@ def test_default_detector_drops_a_proposal_no_second_detector_confirms():
     kept = without.detect(coins).faces
     assert [(f.source, f.low_confidence) for f in kept] == [("mediapipe", True)]
     assert detector_from_params({"detection": detection}, "cpu").detect(coins).faces == []
+
+
+def test_a_proposal_on_a_found_face_with_a_wrong_box_is_the_same_face():
+    """MTCNN's box of a face filling a tight crop can be far off while its points are right (an augmented CelebA
+    crop gave [-153, -250, 142, 149] on 183 px); YuNet's correct box then overlaps it little: the five points decide."""
+    from facedetail.detect.mtcnn import _same_face
+
+    points = np.array([[60.0, 70.0], [120.0, 70.0], [90.0, 100.0], [68.0, 130.0], [112.0, 130.0]])
+    found = FaceDetection(bbox=np.array([-152.8, -249.5, 142.0, 148.6]), score=0.99999, landmarks5=points)
+    yunet_box = np.array([0.3, -1.4, 158.0, 156.8])
+    assert _same_face(yunet_box, points + 4.0, found)  # boxes: IoU 0.21, points 6 px apart (eye distance 60)
+    assert not _same_face(yunet_box + [300, 0, 300, 0], points + [300.0, 0.0], found)  # a face beside it
+    assert _same_face(found.bbox + 5.0, points + 200.0, found)  # overlapping boxes alone suffice
