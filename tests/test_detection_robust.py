@@ -255,6 +255,22 @@ def test_a_proposal_on_a_found_face_with_a_wrong_box_is_the_same_face():
     points = np.array([[60.0, 70.0], [120.0, 70.0], [90.0, 100.0], [68.0, 130.0], [112.0, 130.0]])
     found = FaceDetection(bbox=np.array([-152.8, -249.5, 142.0, 148.6]), score=0.99999, landmarks5=points)
     yunet_box = np.array([0.3, -1.4, 158.0, 156.8])
-    assert _same_face(yunet_box, points + 4.0, found)  # boxes: IoU 0.21, points 6 px apart (eye distance 60)
+    assert _same_face(yunet_box, points + 4.0, found)  # boxes: IoU 0.18, points 6 px apart (eye distance 60)
     assert not _same_face(yunet_box + [300, 0, 300, 0], points + [300.0, 0.0], found)  # a face beside it
     assert _same_face(found.bbox + 5.0, points + 200.0, found)  # overlapping boxes alone suffice
+
+
+def test_a_face_with_most_of_its_points_outside_the_image_is_rejected_with_the_reason():
+    """MTCNN read a tight 183 px crop as part of a giant face (eyes ~95 px above the image, score 0.99999);
+    a face cut by the border (two mouth points outside) stays."""
+    from facedetail.detect.mtcnn import DetectionResult, _drop_faces_outside
+
+    phantom = FaceDetection(bbox=np.array([-152.8, -249.5, 142.0, 148.6]), score=0.99999, landmarks5=np.array(
+        [[-73.2, -93.2], [66.5, -98.9], [-2.3, -1.5], [-61.0, 46.6], [64.7, 44.6]]))
+    cut = FaceDetection(bbox=np.array([20.0, 100.0, 120.0, 200.0]), score=0.99, landmarks5=np.array(
+        [[50.0, 140.0], [90.0, 140.0], [70.0, 165.0], [55.0, 185.0], [85.0, 185.0]]))
+    result = _drop_faces_outside(DetectionResult(faces=[phantom, cut]), width=183, height=183)
+    assert result.faces == [cut]
+    assert [reason for _, reason in result.rejected] == ["4 of its 5 points outside the image"]
+    same = DetectionResult(faces=[cut])
+    assert _drop_faces_outside(same, 183, 183) is same

@@ -267,10 +267,13 @@ class MtcnnFaceDetector:
                 results[index] = self._to_result(boxes, probs, points, prepared[index][1])
         final = [result for result in results if result is not None]
         for index, result in enumerate(final):
+            height, width = np.asarray(images[index]).shape[:2]
+            result = _drop_faces_outside(result, width, height)
             if not _confident(result):
-                final[index] = self._second_chance(images[index], prepared[index], result)
+                result = _drop_faces_outside(self._second_chance(images[index], prepared[index], result), width, height)
             if self._extra_detector is not None:
-                final[index] = self._extra_faces(images[index], prepared[index], final[index])
+                result = _drop_faces_outside(self._extra_faces(images[index], prepared[index], result), width, height)
+            final[index] = result
         return final
 
     def _second_chance(
@@ -361,6 +364,22 @@ class MtcnnFaceDetector:
                     continue
             found.append(proposal)
         return found
+
+
+def _drop_faces_outside(result: DetectionResult, width: int, height: int) -> DetectionResult:
+    """Accepted faces with more than two of their five points outside the image become rejections: MTCNN sometimes
+    reads a whole tight crop as part of a giant face (eyes 90 px above a 183 px image, score 0.99999); a face cut by
+    the border keeps its eyes and nose inside."""
+    keep, dropped = [], []
+    for face in result.faces:
+        points = np.asarray(face.landmarks5, float)
+        outside = int(np.sum((points[:, 0] < 0) | (points[:, 0] > width - 1) | (points[:, 1] < 0) | (points[:, 1] > height - 1)))
+        (dropped if outside > 2 else keep).append((face, outside))
+    if not dropped:
+        return result
+    rejected = list(result.rejected) + [(dataclasses.replace(face, low_confidence=False),
+                                         f"{outside} of its 5 points outside the image") for face, outside in dropped]
+    return DetectionResult(faces=[face for face, _ in keep], rejected=rejected, detection_scale=result.detection_scale)
 
 
 def _same_face(box: np.ndarray, points5: np.ndarray, face: FaceDetection) -> bool:
