@@ -410,7 +410,8 @@ def free_displacement_bound(trainer: DetailTrainer, data: dict[str, Any], index:
 
 def merge_datasets(parts: list[dict[str, Any]]) -> dict[str, Any]:
     """Datasets of the same photos built with other seeds, concatenated; identity ``i`` of part ``k`` becomes
-    ``i + k * n_photos`` (a photo's other styles are other people to the split: only part 0's are held out)."""
+    ``i + k * n_photos`` (a photo's other styles are other people to the split: only part 0's are held out) and
+    its face ids get ``__s{k}`` (the trainer caches scenes by face id)."""
     if len(parts) == 1:
         return parts[0]
     n_photos = int(parts[0]["identity"].max()) + 1
@@ -420,6 +421,8 @@ def merge_datasets(parts: list[dict[str, Any]]) -> dict[str, Any]:
             merged[key] = value
         elif key == "identity":
             merged[key] = np.concatenate([part[key] + k * n_photos for k, part in enumerate(parts)])
+        elif key == "face_ids":  # unique: the trainer caches scenes by face id
+            merged[key] = [face_id if k == 0 else f"{face_id}__s{k}" for k, part in enumerate(parts) for face_id in part[key]]
         elif isinstance(value, torch.Tensor):
             merged[key] = torch.cat([part[key] for part in parts])
         else:

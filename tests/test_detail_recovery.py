@@ -206,5 +206,7 @@ def test_extra_data_seeds_become_other_people_and_only_part_zero_is_held_out():
     merged = bench.merge_datasets([part(0.0), part(1.0)])
     assert merged["identity"].tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
     assert merged["gt"][:6].eq(0).all() and merged["gt"][6:].eq(1).all() and len(merged["face_ids"]) == 12
+    assert merged["face_ids"][:2] == ["p0__e0", "p0__e1"] and merged["face_ids"][6] == "p0__e0__s1"
+    assert len(set(merged["face_ids"])) == 12  # unique: the trainer caches scenes by face id
     assert merged["region"].shape == (1, 1, 2, 2)  # shared maps are not stacked
     assert bench.merge_datasets([part(0.0)])["gt"].shape[0] == 6
