@@ -232,7 +232,7 @@ def build_dataset(face_model: FaceModel, fits: dict[str, np.ndarray], uv_size: i
 
 
 def unit_images(images: torch.Tensor) -> torch.Tensor:
-    """Photos in [0, 1] float from the stored uint8 (or, ``--float-photos``, float) ones."""
+    """Photos or UV textures in [0, 1] float from the stored uint8 (or, ``--float-photos``, float) ones."""
     return images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
 
 
@@ -477,9 +477,8 @@ def train_supervised(trainer: DetailTrainer, data: dict[str, Any], index: np.nda
     history = []
     for step in range(steps):
         batch = torch.as_tensor(rng.choice(index, min(batch_size, len(index)), replace=False))
-        textures = data["uv_textures"][batch]
-        textures = textures.float() / 255.0 if textures.dtype == torch.uint8 else textures.float()
-        predicted = generator(textures, data["texture_valid"][batch], data["expression_maps"][batch])["displacement"]
+        predicted = generator(unit_images(data["uv_textures"][batch]), data["texture_valid"][batch],
+                              data["expression_maps"][batch])["displacement"]
         loss = displacement_regression_loss(predicted, data["gt"][batch], where, gradient_weight)
         optimizer.zero_grad()
         loss.backward()

@@ -83,8 +83,8 @@ def main() -> None:
     parser.add_argument("--max-faces", type=int, default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    prep = load_project_config(str(ROOT / "conf"))[0]["data_prep"]  # resolved (${env:...} model paths)
-    estimation = load_project_config(str(ROOT / "conf"))[0]["estimation"]
+    params = load_project_config(str(ROOT / "conf"))[0]  # resolved (${env:...} model paths)
+    prep, estimation = params["data_prep"], params["estimation"]
     detector = detector_from_params(prep, "cpu")
     crops, fives, names = [], [], []
     for path in sorted(p for p in Path(args.folder).rglob("*") if p.suffix.lower() in (".jpg", ".png")):

@@ -11,10 +11,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import cv2
 import numpy as np
 
-from facedetail.detect.mtcnn import box_iou
+from facedetail.detect.mtcnn import box_iou, crop_around_box
 from facedetail.utils import required_packaged_file
 
 MMOD_MODEL = "mmod_human_face_detector.dat"
@@ -50,22 +49,16 @@ class MmodFaceConfirmer:
     def confidence(self, image: np.ndarray, box: np.ndarray) -> float:
         """MMOD's confidence for the face overlapping ``box`` (``[x0, y0, x1, y1]`` pixels of the uint8 RGB
         ``image``) in a crop twice the box's size; 0.0 when MMOD finds none there."""
-        height, width = image.shape[:2]
         box = np.asarray(box, float)
-        side = max(box[2] - box[0], box[3] - box[1], 1.0)
-        centre = 0.5 * (box[:2] + box[2:])
-        x0, y0 = np.maximum(np.floor(centre - side), 0).astype(int)
-        x1, y1 = np.minimum(np.ceil(centre + side), [width, height]).astype(int)
-        if x1 - x0 < 2 or y1 - y0 < 2:
+        cropped = crop_around_box(image, box, self.face_size)
+        if cropped is None or min(cropped[0].shape[:2]) < 2:
             return 0.0
-        zoom = self.face_size / side
-        crop = np.ascontiguousarray(image[y0:y1, x0:x1])
-        size = (max(1, round(crop.shape[1] * zoom)), max(1, round(crop.shape[0] * zoom)))
-        crop = cv2.resize(crop, size, interpolation=cv2.INTER_AREA if zoom < 1 else cv2.INTER_LINEAR)
+        crop, factors, offset = cropped
+        scale, shift = np.tile(np.asarray(factors), 2), np.tile(np.asarray(offset), 2)
         best = 0.0
         for found in self._detector(crop, 0):
             r = found.rect
-            found_box = np.array([r.left(), r.top(), r.right(), r.bottom()], float) / zoom + [x0, y0, x0, y0]
+            found_box = np.array([r.left(), r.top(), r.right(), r.bottom()], float) / scale + shift
             if box_iou(found_box, box) > self.min_overlap:
                 best = max(best, float(found.confidence))
         return best

@@ -332,25 +332,17 @@ class MtcnnFaceDetector:
         box overlaps the proposal and scores at least ``low_confidence_floor``; a weaker MTCNN face there stands for
         the proposal), then, with the MMOD confirmer, ``confirmed`` when MMOD agrees, and dropped when neither
         MTCNN nor MMOD sees a face (without a confirmer the proposal stays, its own score, not confirmed)."""
-        height, width = image.shape[:2]
         found: list[FaceDetection] = []
         for box, score, points5 in proposals:
             box = np.asarray(box, float)
             proposal = FaceDetection(bbox=box, score=float(score), landmarks5=np.asarray(points5, float), source=proposer)
-            side = max(box[2] - box[0], box[3] - box[1])
-            centre = 0.5 * (box[:2] + box[2:])
-            x0, y0 = np.maximum(np.floor(centre - side), 0).astype(int)
-            x1, y1 = np.minimum(np.ceil(centre + side), [width, height]).astype(int)
-            crop = np.ascontiguousarray(image[y0:y1, x0:x1])
-            zoom = 160.0 / max(side, 1.0)
-            size = (max(1, round(crop.shape[1] * zoom)), max(1, round(crop.shape[0] * zoom)))
-            if min(size) >= 24:
-                resized = np.ascontiguousarray(cv2.resize(crop, size, interpolation=cv2.INTER_AREA if zoom < 1 else cv2.INTER_LINEAR))
+            cropped = crop_around_box(image, box, 160.0)
+            if cropped is not None and min(cropped[0].shape[:2]) >= 24:
+                resized, factors, offset = cropped
                 # inside the crop the face is about 160 px; MTCNN's pyramid starts at 20 px windows (its scores on
                 # hard faces depend on the pyramid: 20 confirms more of them than 32, measured)
                 (boxes, probs, pts), = self._run_mtcnn(resized[None], 1.0, window=20)
-                factors = (size[0] / crop.shape[1], size[1] / crop.shape[0])
-                inner = self._to_result(boxes, probs, pts, factors, f"{proposer}+mtcnn", (float(x0), float(y0)))
+                inner = self._to_result(boxes, probs, pts, factors, f"{proposer}+mtcnn", offset)
                 best = max(_pool(inner), key=lambda f: (box_iou(f.bbox, box), f.score), default=None)
                 if best is not None and box_iou(best.bbox, box) > 0.3:
                     if best.score >= self.low_confidence_floor:
@@ -364,6 +356,27 @@ class MtcnnFaceDetector:
                     continue
             found.append(proposal)
         return found
+
+
+def crop_around_box(
+    image: np.ndarray, box: np.ndarray, face_size: float
+) -> tuple[np.ndarray, tuple[float, float], tuple[float, float]] | None:
+    """The square of twice ``box``'s longer side around its centre (clipped to the image), resized so that side
+    becomes ``face_size`` pixels: ``(crop, (x, y) scale factors, (x0, y0) where the crop starts in the image)``;
+    None when nothing of it lies in the image. Crop pixels map back as ``p / factors + offset``."""
+    height, width = image.shape[:2]
+    box = np.asarray(box, float)
+    side = max(box[2] - box[0], box[3] - box[1], 1.0)
+    centre = 0.5 * (box[:2] + box[2:])
+    x0, y0 = np.maximum(np.floor(centre - side), 0).astype(int)
+    x1, y1 = np.minimum(np.ceil(centre + side), [width, height]).astype(int)
+    if x1 <= x0 or y1 <= y0:
+        return None
+    crop = np.ascontiguousarray(image[y0:y1, x0:x1])
+    zoom = face_size / side
+    size = (max(1, round(crop.shape[1] * zoom)), max(1, round(crop.shape[0] * zoom)))
+    resized = np.ascontiguousarray(cv2.resize(crop, size, interpolation=cv2.INTER_AREA if zoom < 1 else cv2.INTER_LINEAR))
+    return resized, (size[0] / crop.shape[1], size[1] / crop.shape[0]), (float(x0), float(y0))
 
 
 def _drop_faces_outside(result: DetectionResult, width: int, height: int) -> DetectionResult:
